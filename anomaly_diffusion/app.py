@@ -1,0 +1,246 @@
+"""Use cases behind the CLI commands: each joins data, models, diffusion and tracking.
+
+The CLI parses options and prints; these functions do the work and return typed outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly_diffusion.config import Config, config_from_dict, load_config
+from anomaly_diffusion.data.datasets import load_slices
+from anomaly_diffusion.data.io import check_writable, load_scan, read_mask, save_like
+from anomaly_diffusion.data.manifest import read_manifest
+from anomaly_diffusion.data.transforms import foreground_mask, mask_to_slices, normalise, to_input_grid
+from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
+from anomaly_diffusion.explain import ScanExplanation, explain_scan
+from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
+from anomaly_diffusion.models.bundle import load_bundle
+from anomaly_diffusion.plots import explain_montage
+from anomaly_diffusion.tracking import flatten, tracked_run
+from anomaly_diffusion.training import Progress, TrainResult, resolve_device, train
+
+PACKAGED_CONFIGS = ("default", "demo", "tiny")
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A config file path, or the name of a config shipped with the package ('default', 'demo', 'tiny')."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.exists() or name not in PACKAGED_CONFIGS:
+        return path
+    return Path(str(resources.files("anomaly_diffusion.configs") / f"{name}.yaml"))
+
+
+def timestamped(prefix: str) -> str:
+    """A run name like 'train-20261122-081500'."""
+    return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A finished training run."""
+
+    run_id: str
+    out_dir: Path
+    result: TrainResult
+    summary: dict[str, dict[str, int]]
+    seconds: float
+
+
+def run_train(
+    cfg: Config,
+    tracking_uri: str,
+    out_dir: Path | None = None,
+    run_name: str | None = None,
+    progress: Progress | None = None,
+    on_data: Callable[[dict[str, dict[str, int]]], None] | None = None,
+) -> TrainOutcome:
+    """Load the manifest's train (and val) split, train both models in one tracked MLflow run."""
+    if cfg.data.manifest is None:
+        raise ConfigError("data.manifest is not set; pass --set data.manifest=PATH or set it in the config")
+    started = time.perf_counter()
+    rows = read_manifest(cfg.data.manifest)
+    train_rows = [r for r in rows if r.split == "train"]
+    val_rows = [r for r in rows if r.split == "val"]
+    if not train_rows:
+        raise InputError(f"{cfg.data.manifest}: no subjects in the train split")
+    name = run_name or timestamped("train")
+    out_dir = out_dir or cfg.train.output_dir / name
+    check_writable(out_dir / "bundle.pt", overwrite=False)
+    data = load_slices(train_rows, cfg.data)
+    val = load_slices(val_rows, cfg.data) if val_rows else None
+    summary = {"train": data.summary(), **({"val": val.summary()} if val is not None else {})}
+    if on_data is not None:
+        on_data(summary)
+    with tracked_run(tracking_uri, cfg.tracking.experiment, name, "train") as run:
+        run.log_params(flatten(cfg.model_dump(mode="json")))
+        run.log_params({f"dataset.{split}.{k}": v for split, counts in summary.items() for k, v in counts.items()})
+        run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+        run.log_dict(summary, "dataset_summary.json")
+        result = train(cfg, data, out_dir, val, sink=run.log_metrics, progress=progress, train_run_id=run.run_id)
+        run.log_metrics(result.classifier_accuracy)
+        run.log_artifact(result.bundle_path, "model")
+    return TrainOutcome(run.run_id, out_dir, result, summary, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class ExplainOutcome:
+    """Files and numbers of one explained scan."""
+
+    run_id: str
+    outputs: dict[str, Path]
+    metrics: dict[str, float]
+    pixel: PixelMetrics | None
+    baseline: PixelMetrics | None
+    seconds: float
+    explanation: ScanExplanation = field(repr=False)
+
+
+def output_stem(path: Path) -> str:
+    """'scan.nii.gz' -> 'scan'; a DICOM folder -> its name."""
+    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+
+
+def find_latest_bundle(root: Path) -> Path:
+    """The newest complete bundle under root (for explain without --checkpoint)."""
+    bundles = sorted(root.glob("*/bundle.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not bundles:
+        raise CheckpointError(f"no --checkpoint given and no trained bundle found under {root}/; pass --checkpoint PATH")
+    return bundles[-1]
+
+
+def explained_region(explanation: ScanExplanation) -> np.ndarray:
+    """Voxels of the input grid that the model saw (kept slices, inside the crop box), (X, Y, Z) bool."""
+    ones = torch.ones(len(explanation.state.kept), 1, explanation.state.image_size, explanation.state.image_size)
+    return to_input_grid(ones, explanation.state, fill=0.0)[0] > 0.5
+
+
+def run_explain(
+    scans: Sequence[Path],
+    checkpoint: Path,
+    out_dir: Path,
+    tracking_uri: str,
+    noise_level: int | None = None,
+    scale: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    mask: Path | None = None,
+    brainmask: Path | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> ExplainOutcome:
+    """Explain one scan with a bundle; write NIfTI maps, a montage and a JSON summary; track it."""
+    started = time.perf_counter()
+    bundle = load_bundle(checkpoint, resolve_device(device))
+    cfg = bundle.config
+    noise_level = cfg.explain.noise_level if noise_level is None else noise_level
+    scale = cfg.explain.scale if scale is None else scale
+    steps = cfg.explain.steps if steps is None else steps
+    batch_size = batch_size or cfg.explain.batch_size
+    scan = load_scan(list(scans), expected_channels=cfg.data.image_channels)
+    truth = read_mask(mask, scan) if mask is not None else None
+    brain = read_mask(brainmask, scan) if brainmask is not None else None
+    stem = output_stem(scans[0])
+    outputs = {
+        "anomaly_map": out_dir / f"{stem}_anomaly_map.nii.gz",
+        **{
+            f"healthy_{c}" if c else "healthy": out_dir / f"{output_stem(p)}_healthy.nii.gz"
+            for c, p in enumerate(scans)
+        },
+        "montage": out_dir / f"{stem}_montage.png",
+        "summary": out_dir / f"{stem}_explain.json",
+    }
+    for path in outputs.values():
+        check_writable(path, overwrite)
+    explanation = explain_scan(
+        bundle, scan, noise_level, scale, steps, batch_size, brainmask=brain, amp=cfg.train.amp, progress=progress
+    )
+    slices = explanation.slices
+    metrics = {
+        "p_healthy_before_mean": float(slices.p_healthy_before.mean()),
+        "p_healthy_after_mean": float(slices.p_healthy_after.mean()),
+        "p_healthy_before_min": float(slices.p_healthy_before.min()),
+        "p_healthy_after_min": float(slices.p_healthy_after.min()),
+        "anomaly_max": float(explanation.anomaly_map.max()),
+        "anomaly_mean": float(slices.anomaly_map.mean()),
+        "slices_explained": float(len(explanation.state.kept)),
+    }
+    pixel = baseline = None
+    if truth is not None:
+        # both detectors are scored on the same voxels: foreground inside the explained slices
+        region = explained_region(explanation) & (brain if brain is not None else foreground_mask(scan.data))
+        intensity = normalise(scan.data, explanation.state, cfg.data)[0]
+        pixel = pixel_metrics(explanation.anomaly_map, truth, region)
+        baseline = pixel_metrics(intensity, truth, region)
+        metrics.update({f"pixel_{k}": v for k, v in pixel.as_dict().items()})
+        metrics.update({f"intensity_baseline_{k}": v for k, v in baseline.as_dict().items()})
+    save_like(explanation.anomaly_map, scan, outputs["anomaly_map"])
+    for c, path in enumerate(scans):
+        save_like(explanation.healthy[c], scan, outputs[f"healthy_{c}" if c else "healthy"])
+    order = torch.argsort(slices.anomaly_map.flatten(1).amax(dim=1), descending=True)
+    rows = order[: cfg.explain.montage_slices].sort().values.tolist()
+    truth_slices = mask_to_slices(truth, explanation.state) if truth is not None else None
+    explain_montage(
+        slices.x, slices.x_healthy, slices.anomaly_map, explanation.state.kept.tolist(), rows, outputs["montage"],
+        truth_slices,
+    )
+    params = {
+        "noise_level": noise_level,
+        "scale": scale,
+        "steps": steps if steps is not None else noise_level,
+        "batch_size": batch_size,
+        "inputs": ";".join(p.name for p in scans),
+        "checkpoint": checkpoint.name,
+        "bundle_version": bundle.package_version,
+    }
+    summary = {"params": params, "metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}}
+    outputs["summary"].write_text(json.dumps(summary, indent=2))
+    tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
+    with tracked_run(tracking_uri, cfg.tracking.experiment, f"explain-{stem}", "explain", tags) as run:
+        run.log_params(params)
+        run.log_metrics(metrics)
+        for path in outputs.values():
+            run.log_artifact(path, "explain")
+        run.log_text(_run_description(params, metrics), "README.md")
+        run.set_tags({"mlflow.note.content": _run_description(params, metrics)})
+    return ExplainOutcome(run.run_id, outputs, metrics, pixel, baseline, time.perf_counter() - started, explanation)
+
+
+def _run_description(params: dict[str, object], metrics: dict[str, float]) -> str:
+    lines = [
+        f"Explained `{params['inputs']}` with L={params['noise_level']}, s={params['scale']}, "
+        f"K={params['steps']} DDIM steps.",
+        "",
+        f"- p(healthy) before: {metrics['p_healthy_before_mean']:.3f} (mean over slices), "
+        f"after: {metrics['p_healthy_after_mean']:.3f}",
+        f"- max anomaly score: {metrics['anomaly_max']:.3f}",
+    ]
+    if "pixel_auprc" in metrics:
+        lines.append(
+            f"- against the given mask: AUPRC {metrics['pixel_auprc']:.3f}, best Dice {metrics['pixel_dice_best']:.3f} "
+            f"(raw intensity baseline: AUPRC {metrics['intensity_baseline_auprc']:.3f})"
+        )
+    return "\n".join(lines)
+
+
+def demo_config(manifest: Path, output_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The packaged demo config pointed at a built demo dataset."""
+    path = resolve_config_path("demo")
+    assert path is not None
+    base = load_config(path).model_dump(mode="json")
+    base["data"]["manifest"] = str(manifest)
+    base["train"]["output_dir"] = str(output_dir)
+    return config_from_dict(base, overrides, source="demo config")

@@ -1,0 +1,276 @@
+"""The `adiff` command line: thin typer commands over `anomaly_diffusion.app`.
+
+User errors (`AdiffError`) become one line on stderr and exit code 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from anomaly_diffusion import __version__
+from anomaly_diffusion.errors import AdiffError
+
+app = typer.Typer(
+    name="adiff",
+    help="Find and explain anomalies in medical scans with classifier-guided diffusion models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        help="MLflow tracking URI (default: sqlite:///mlruns.db in the current folder).",
+    ),
+]
+
+
+def _uri(option: str | None, configured: str | None = None) -> str:
+    from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
+
+    return option or configured or DEFAULT_TRACKING_URI
+
+
+def _one_line_errors(command: F) -> F:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except AdiffError as exc:
+            message = " ".join(str(exc).split())
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        yield progress
+
+
+def _phase_progress(progress: Progress) -> Callable[[str, int, int, dict[str, float]], None]:
+    tasks: dict[str, Any] = {}
+    last_print: dict[str, float] = {}
+
+    def update(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total, info="")
+        info = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        progress.update(tasks[phase], completed=step, **({"info": info} if info else {}))
+        now = time.monotonic()
+        if not console.is_terminal and info and (now - last_print.get(phase, 0.0) > 15 or step == total):
+            last_print[phase] = now
+            console.print(f"{phase} {step}/{total} {info}", highlight=False)
+
+    return update
+
+
+@app.command()
+@_one_line_errors
+def train(
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML config file, or a packaged one: default, demo, tiny.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Dotted override, e.g. --set train.ddpm_steps=500.")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for bundle.pt (default: train.output_dir/RUN).")] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Train the DDPM and the noise-aware classifier on a manifest; save a model bundle."""
+    from anomaly_diffusion.app import resolve_config_path, run_train
+    from anomaly_diffusion.config import load_config
+
+    cfg = load_config(resolve_config_path(config), overrides or [])
+    uri = _uri(tracking_uri, cfg.tracking.uri)
+
+    def on_data(summary: dict[str, dict[str, int]]) -> None:
+        for split, counts in summary.items():
+            console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
+
+    with _progress() as progress:
+        outcome = run_train(cfg, uri, out_dir, run_name, _phase_progress(progress), on_data)
+    result = outcome.result
+    out.print(f"bundle: {result.bundle_path}", highlight=False)
+    out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
+    accuracy = "  ".join(f"{k}={v:.3f}" for k, v in result.classifier_accuracy.items())
+    out.print(f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False)
+    out.print(f"time: {outcome.seconds:.0f} s", highlight=False)
+
+
+@app.command()
+@_one_line_errors
+def explain(
+    scans: Annotated[
+        list[Path], typer.Argument(help="NIfTI file(s) or DICOM series folder(s), one per model channel.")
+    ],
+    noise_level: Annotated[int | None, typer.Option("--noise-level", "-L", help="Encoding depth L, 1 <= L < T.")] = None,
+    scale: Annotated[float | None, typer.Option("--scale", help="Guidance scale s (0 = unguided).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="DDIM steps K for encode and for decode (stride L/K).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="Model bundle (default: newest under ./adiff_runs).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_explain"),
+    mask: Annotated[Path | None, typer.Option("--mask", help="Ground-truth lesion mask: adds Dice/AUPRC.")] = None,
+    brainmask: Annotated[Path | None, typer.Option("--brainmask", help="Brain mask (else foreground threshold).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
+    from anomaly_diffusion.app import find_latest_bundle, run_explain
+    from anomaly_diffusion.errors import ConfigError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    bundle_path = checkpoint or find_latest_bundle(Path("adiff_runs"))
+    with _progress() as progress:
+        task = progress.add_task("explain slices", total=None, info="")
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        outcome = run_explain(
+            scans, bundle_path, out_dir, _uri(tracking_uri), noise_level, scale, steps, batch_size,
+            mask, brainmask, overwrite, device, update,
+        )
+    _print_explain(outcome)
+
+
+def _print_explain(outcome: Any) -> None:
+    m = outcome.metrics
+    for name, path in outcome.outputs.items():
+        out.print(f"{name}: {path}", highlight=False)
+    out.print(
+        f"p(healthy) before={m['p_healthy_before_mean']:.3f} after={m['p_healthy_after_mean']:.3f} "
+        f"(mean over {int(m['slices_explained'])} slices); max anomaly score {m['anomaly_max']:.3f}",
+        highlight=False,
+    )
+    if outcome.pixel is not None:
+        p, b = outcome.pixel, outcome.baseline
+        out.print(
+            f"vs mask: AUPRC={p.auprc:.3f} AUROC={p.auroc:.3f} Dice(otsu)={p.dice_otsu:.3f} Dice(best)={p.dice_best:.3f}"
+            f" | raw-intensity baseline: AUPRC={b.auprc:.3f} AUROC={b.auroc:.3f} Dice(best)={b.dice_best:.3f}",
+            highlight=False,
+        )
+    out.print(f"mlflow run: {outcome.run_id}   time: {outcome.seconds:.0f} s", highlight=False)
+
+
+@app.command()
+@_one_line_errors
+def demo(
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="Where the demo dataset and runs go.")] = Path("adiff_demo"),
+    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override of the demo config.")] = None,
+    n_subjects: Annotated[int, typer.Option("--subjects", min=4, help="Synthetic subjects to build.")] = 24,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """End to end, offline: build a dataset from the MNI152 template with synthetic lesions, train, explain."""
+    from anomaly_diffusion.app import demo_config, run_explain, run_train, timestamped
+    from anomaly_diffusion.data.manifest import read_manifest
+    from anomaly_diffusion.data.synthetic import build_demo_dataset
+
+    started = time.perf_counter()
+    console.print(f"building demo dataset from the MNI152 template in {work_dir / 'data'} ...", highlight=False)
+    manifest = build_demo_dataset(work_dir / "data", n_subjects=n_subjects)
+    cfg = demo_config(manifest, work_dir / "runs", overrides or [])
+    uri = _uri(tracking_uri, cfg.tracking.uri)
+
+    def on_data(summary: dict[str, dict[str, int]]) -> None:
+        for split, counts in summary.items():
+            console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
+
+    with _progress() as progress:
+        trained = run_train(cfg, uri, None, timestamped("demo-train"), _phase_progress(progress), on_data)
+    console.print(f"trained in {trained.seconds:.0f} s: {trained.result.bundle_path}", highlight=False)
+    test = [r for r in read_manifest(manifest, splits=["test"]) if r.mask is not None]
+    lesioned = [r for r in test if _has_lesion(r.mask)]
+    row = (lesioned or test)[0]
+    console.print(f"explaining held-out subject {row.subject} ...", highlight=False)
+    with _progress() as progress:
+        task = progress.add_task("explain slices", total=None, info="")
+        outcome = run_explain(
+            list(row.images), trained.result.bundle_path, work_dir / "explain", uri, mask=row.mask,
+            brainmask=row.brainmask, overwrite=True,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    _print_explain(outcome)
+    out.print(f"training run: {trained.run_id}   store: {uri}   (adiff ui to browse)", highlight=False)
+    out.print(f"demo wall time: {time.perf_counter() - started:.0f} s", highlight=False)
+
+
+def _has_lesion(path: Path | None) -> bool:
+    import nibabel as nib
+
+    return path is not None and bool((nib.load(str(path)).get_fdata() > 0).any())
+
+
+@app.command()
+@_one_line_errors
+def ui(
+    port: Annotated[int, typer.Option("--port", help="First port to try.")] = 5000,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Start the MLflow UI for the tracking store on 127.0.0.1 (Ctrl-C stops it)."""
+    from anomaly_diffusion.tracking import free_port, start_ui
+
+    uri = _uri(tracking_uri)
+    chosen = free_port(port)
+    process = start_ui(uri, "127.0.0.1", chosen)
+    out.print(f"MLflow UI for {uri}: http://127.0.0.1:{chosen}  (Ctrl-C to stop)", highlight=False)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except Exception:
+            process.kill()
+        out.print("stopped", highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the package version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    app(prog_name="adiff")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""One typed config tree (pydantic), loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config(Path("configs/default.yaml"), ["train.ddpm_steps=200", "data.image_size=32"])
+
+The resolved config (`cfg.model_dump(mode="json")`) is saved in the model bundle and logged to
+MLflow, so explain applies exactly the preprocessing and models that training used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from anomaly_diffusion.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScheduleConfig(_Strict):
+    """The DDPM noise schedule (T = num_timesteps)."""
+
+    kind: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class UNetConfig(_Strict):
+    """MONAI `DiffusionModelUNet` hyper-parameters (the DDPM's eps_theta)."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        _check_levels(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
+        return self
+
+
+class ClassifierConfig(_Strict):
+    """The noise-aware classifier p(y | x_t, t): MONAI's `DiffusionModelEncoder` trunk + pooling head."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    pooling: Literal["mean", "attention"] = "mean"
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifierConfig:
+        _check_levels(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
+        return self
+
+
+def _check_levels(
+    channels: tuple[int, ...], attention: tuple[bool, ...], groups: int, head_channels: int
+) -> None:
+    if len(channels) != len(attention):
+        raise ValueError("channels and attention_levels need the same length")
+    if any(c % groups for c in channels):
+        raise ValueError(f"every channel count must be divisible by norm_num_groups={groups}")
+    if any(a and c % head_channels for c, a in zip(channels, attention, strict=True)):
+        raise ValueError("attention levels need channels divisible by num_head_channels")
+
+
+class DataConfig(_Strict):
+    """Where training data comes from and the preprocessing that training and explain share."""
+
+    manifest: Path | None = None
+    image_channels: int = Field(1, ge=1)
+    image_size: int = Field(64, ge=8)
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
+    clip_range: tuple[float, float] = (-1.0, 3.0)
+    crop_margin: float = Field(0.05, ge=0, le=1)
+    min_foreground_fraction: float = Field(0.05, ge=0, le=1)
+    min_lesion_pixels: int = Field(1, ge=1)
+    ddpm_train_on: Literal["healthy", "all"] = "healthy"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        low, high = self.intensity_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError("intensity_percentiles must satisfy 0 <= low < high <= 100")
+        if self.clip_range[0] >= self.clip_range[1]:
+            raise ValueError("clip_range must be (low, high) with low < high")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimisation of both models. Steps are optimiser steps; batches are sampled with replacement."""
+
+    ddpm_steps: int = Field(2000, ge=0)
+    classifier_steps: int = Field(1000, ge=0)
+    batch_size: int = Field(16, ge=1)
+    ddpm_lr: float = Field(2e-4, gt=0)
+    classifier_lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    classifier_flip: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(25, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    output_dir: Path = Path("adiff_runs")
+
+
+class ExplainConfig(_Strict):
+    """Defaults of `adiff explain` (each has a command-line option)."""
+
+    noise_level: int = Field(500, ge=1)
+    scale: float = Field(100.0, ge=0)
+    steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    montage_slices: int = Field(4, ge=1)
+
+
+class TrackingConfig(_Strict):
+    """MLflow: None means `MLFLOW_TRACKING_URI` if set, else a local SQLite file."""
+
+    uri: str | None = None
+    experiment: str = "anomaly_diffusion"
+
+
+class Config(_Strict):
+    """The whole configuration of a run."""
+
+    schedule: ScheduleConfig = ScheduleConfig()
+    unet: UNetConfig = UNetConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    explain: ExplainConfig = ExplainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        for name, levels in (("unet", len(self.unet.channels) - 1), ("classifier", len(self.classifier.channels))):
+            factor = 2**levels
+            if self.data.image_size % factor:
+                raise ValueError(
+                    f"data.image_size={self.data.image_size} must be divisible by {factor} "
+                    f"({name} downsamples {levels} times)"
+                )
+        if self.explain.noise_level >= self.schedule.num_timesteps:
+            raise ValueError("explain.noise_level must be < schedule.num_timesteps")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse 'section.key=value' strings; values are YAML (numbers, lists, null, strings)."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    """Validate a config tree after applying dotted overrides."""
+    tree = dict(data)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"{source}: {where}: {first['msg']}") from exc
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (defaults when path is None) and apply dotted overrides.
+
+    Relative `data.manifest` paths are resolved against the YAML file's folder.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded or {}
+        manifest = (data.get("data") or {}).get("manifest")
+        if manifest and not Path(manifest).is_absolute():
+            data = {**data, "data": {**data["data"], "manifest": str(path.parent / manifest)}}
+    return config_from_dict(data, overrides, source=str(path) if path else "config")

@@ -1,0 +1,62 @@
+"""Classifier guidance (Dhariwal & Nichol 2021, Alg. 2) as a wrapper around the denoiser.
+
+    eps_hat(x_t, t) = eps_theta(x_t, t) - s * sqrt(1 - alpha_bar_t) * grad_x log p(y | x_t, t)
+
+Wolleb et al. 2022 guide the decoding towards y = HEALTHY with the noise-aware classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from anomaly_diffusion.diffusion.sampling import EpsFn
+from anomaly_diffusion.diffusion.schedule import NoiseSchedule, broadcast_to
+
+GradFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""grad_x log p(y | x_t, t): x_t (B, C, *spatial), t (B,) -> gradient, same shape as x_t."""
+
+
+def guided_eps(eps: torch.Tensor, grad: torch.Tensor, alpha_bar_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """eps_hat = eps - s * sqrt(1 - alpha_bar_t) * grad (Dhariwal & Nichol 2021, Alg. 2).
+
+    Args:
+        eps: eps_theta(x_t, t), (B, C, *spatial).
+        grad: grad_x log p(y | x_t, t), same shape.
+        alpha_bar_t: (B,) or 0-dim.
+        scale: s, the guidance scale.
+    """
+    alpha_bar_t = broadcast_to(alpha_bar_t.reshape(-1).expand(eps.shape[0]), eps)
+    return eps - scale * (1 - alpha_bar_t).sqrt() * grad
+
+
+def guided_eps_fn(eps_fn: EpsFn, grad_fn: GradFn, schedule: NoiseSchedule, scale: float) -> EpsFn:
+    """Wrap a denoiser so it returns the classifier-guided eps_hat (a no-op wrapper when s = 0)."""
+    if scale == 0:
+        return eps_fn
+    alpha_bar = schedule.alpha_bar
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_eps(eps_fn(x_t, t), grad_fn(x_t, t), alpha_bar.to(t.device)[t], scale)
+
+    return fn
+
+
+def classifier_grad_fn(classifier: nn.Module, target: int) -> GradFn:
+    """grad_x log p(y = target | x_t, t) of a noise-aware classifier returning logits (B, n_classes).
+
+    Only the input gradient is computed: the classifier's parameters are not asked for gradients.
+    Each sample's gradient is its own as long as the classifier mixes no samples (GroupNorm, no
+    BatchNorm), so summing the log-probabilities over the batch is exact.
+    """
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = torch.log_softmax(classifier(x, t).float(), dim=1)[:, target]
+            (grad,) = torch.autograd.grad(log_p.sum(), x)
+        return grad.detach()
+
+    return fn

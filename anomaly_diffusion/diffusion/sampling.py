@@ -1,0 +1,154 @@
+"""DDIM (Song et al. 2021): one step, deterministic encoding (inversion) and (guided) decoding.
+
+Every function takes the denoiser as an argument (`EpsFn`): no network lives here, so the maths
+can be tested with a closed-form oracle. Shapes are (B, C, *spatial) throughout; timesteps are
+the 0-indexed training timesteps of `NoiseSchedule` (see `ddim_timesteps` for the grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from anomaly_diffusion.diffusion.schedule import NoiseSchedule, ddim_timesteps
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""eps_theta(x_t, t): x_t (B, C, *spatial), t (B,) long -> predicted noise, same shape as x_t."""
+
+StepCallback = Callable[[int, int], None]
+"""Called after each step with (steps done, steps in total): progress without I/O in the maths."""
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_bar_t: torch.Tensor,
+    alpha_bar_next: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Move x_t to the level alpha_bar_next with the DDIM update (Song 2021, eq. 12).
+
+    1. x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)          (predicted x_0)
+    2. sigma = eta * sqrt((1 - alpha_bar_next) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_next)
+    3. x_next = sqrt(alpha_bar_next) x0_hat + sqrt(1 - alpha_bar_next - sigma^2) eps + sigma z
+
+    With eta = 0 the step is deterministic and works in both directions: towards less noise
+    (decoding, alpha_bar_next > alpha_bar_t) and towards more noise (encoding / inversion,
+    alpha_bar_next < alpha_bar_t, where eta must be 0).
+
+    Args:
+        x_t: current state, (B, C, *spatial).
+        eps: predicted noise at x_t, same shape.
+        alpha_bar_t: alpha_bar of the current level, a 0-dim tensor.
+        alpha_bar_next: alpha_bar of the target level (1 for the clean image), a 0-dim tensor.
+        eta: stochasticity of DDIM (0 = deterministic).
+        noise: z ~ N(0, I) for eta > 0, same shape as x_t.
+
+    Returns:
+        The state at the target level, same shape as x_t.
+    """
+    alpha_bar_t = alpha_bar_t.to(device=x_t.device, dtype=x_t.dtype)
+    alpha_bar_next = alpha_bar_next.to(device=x_t.device, dtype=x_t.dtype)
+    x0_hat = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    if eta == 0.0:
+        return alpha_bar_next.sqrt() * x0_hat + (1 - alpha_bar_next).sqrt() * eps
+    if alpha_bar_next < alpha_bar_t:
+        raise ValueError("eta > 0 is only defined for steps towards less noise")
+    if noise is None:
+        raise ValueError("eta > 0 needs noise")
+    sigma = eta * ((1 - alpha_bar_next) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_next)).sqrt()
+    direction = (1 - alpha_bar_next - sigma**2).clamp(min=0).sqrt() * eps
+    return alpha_bar_next.sqrt() * x0_hat + direction + sigma * noise
+
+
+def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def ddim_encode(
+    eps_fn: EpsFn,
+    x_0: torch.Tensor,
+    schedule: NoiseSchedule,
+    noise_level: int,
+    steps: int | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion x_0 -> x_L, without guidance (Wolleb 2022, Alg. 1, encoding).
+
+    Visits the levels x_0, x_{tau_1}, ..., x_{tau_K} (tau from `ddim_timesteps`); the step from
+    level tau_{k-1} to tau_k evaluates eps_theta(x_{tau_{k-1}}, tau_{k-1}), with tau_0 = 0 as the
+    network time of the clean image. `ddim_decode` walks the same levels backwards.
+
+    Args:
+        eps_fn: the denoiser eps_theta(x_t, t).
+        x_0: images, (B, C, *spatial).
+        schedule: the noise schedule the denoiser was trained with.
+        noise_level: L, 1 <= L < T.
+        steps: K DDIM steps (stride L/K); None means K = L.
+        callback: progress, called with (k, K).
+
+    Returns:
+        x_L, same shape as x_0.
+    """
+    taus = ddim_timesteps(noise_level, steps, schedule.num_timesteps)
+    alpha_bar = schedule.alpha_bar.to(x_0.device)
+    x = x_0
+    level_prev, alpha_prev = 0, torch.ones((), device=x_0.device)
+    with torch.no_grad():
+        for k, tau in enumerate(taus, start=1):
+            eps = eps_fn(x, _timestep_batch(level_prev, x))
+            x = ddim_step(x, eps, alpha_prev, alpha_bar[tau])
+            level_prev, alpha_prev = tau, alpha_bar[tau]
+            if callback is not None:
+                callback(k, len(taus))
+    return x
+
+
+def ddim_decode(
+    eps_fn: EpsFn,
+    x_L: torch.Tensor,
+    schedule: NoiseSchedule,
+    noise_level: int,
+    steps: int | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DDIM decoding x_L -> x_0_hat over the mirrored levels of `ddim_encode` (Song 2021, eq. 12).
+
+    The step from tau_k to tau_{k-1} (tau_0 being the clean level, alpha_bar = 1) evaluates
+    eps_fn(x_{tau_k}, tau_k). For classifier guidance pass a guided denoiser built with
+    `anomaly_diffusion.diffusion.guidance.guided_eps_fn` (Wolleb 2022, Alg. 1, decoding).
+
+    Args:
+        eps_fn: the (possibly guided) denoiser.
+        x_L: encoded images, (B, C, *spatial).
+        schedule: the noise schedule.
+        noise_level: L, the level x_L is at.
+        steps: K DDIM steps; None means K = L. Must equal the encoder's for a mirrored walk.
+        eta: DDIM stochasticity; 0 (the default) is deterministic.
+        generator: random source for eta > 0.
+        callback: progress, called with (k, K).
+
+    Returns:
+        x_0_hat, same shape as x_L.
+    """
+    taus = ddim_timesteps(noise_level, steps, schedule.num_timesteps)
+    alpha_bar = schedule.alpha_bar.to(x_L.device)
+    levels = [*taus[::-1], None]
+    x = x_L
+    with torch.no_grad():
+        for k in range(len(taus)):
+            tau, tau_next = levels[k], levels[k + 1]
+            assert tau is not None
+            alpha_next = alpha_bar[tau_next] if tau_next is not None else torch.ones((), device=x.device)
+            eps = eps_fn(x, _timestep_batch(tau, x))
+            noise = None
+            if eta > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = ddim_step(x, eps, alpha_bar[tau], alpha_next, eta=eta, noise=noise)
+            if callback is not None:
+                callback(k + 1, len(taus))
+    return x

@@ -1,0 +1,81 @@
+"""Builders for the two networks, both from MONAI.
+
+- eps_theta: `monai.networks.nets.DiffusionModelUNet`.
+- p(y | x_t, t): `NoiseAwareClassifier`, MONAI's `DiffusionModelEncoder` trunk (time embedding,
+  ResNet and attention down blocks) with its fixed-size head replaced by global pooling, so it
+  works at any image size the config sets (MONAI's own head is a Linear sized for one input shape).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
+from torch import nn
+
+from anomaly_diffusion.config import ClassifierConfig, UNetConfig
+from anomaly_diffusion.labels import LABEL_NAMES
+
+
+def build_unet(cfg: UNetConfig, image_channels: int, spatial_dims: int = 2) -> DiffusionModelUNet:
+    """The DDPM denoiser eps_theta(x_t, t): (B, C, *spatial), (B,) -> (B, C, *spatial)."""
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=image_channels,
+        out_channels=image_channels,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+class NoiseAwareClassifier(nn.Module):
+    """p(y | x_t, t) over (HEALTHY, PATHOLOGICAL) for noised images, at any spatial size.
+
+    The MONAI encoder flattens its last feature map (B, C_L, *s) to (B, C_L * prod(s)) before its
+    head; with the head set to identity the features are viewed back as (B, C_L, prod(s)) and
+    pooled over positions (mean, or learned attention weights), then a Linear gives the logits.
+    """
+
+    def __init__(self, cfg: ClassifierConfig, image_channels: int, spatial_dims: int = 2) -> None:
+        super().__init__()
+        self.trunk = DiffusionModelEncoder(
+            spatial_dims=spatial_dims,
+            in_channels=image_channels,
+            out_channels=len(LABEL_NAMES),
+            channels=cfg.channels,
+            attention_levels=cfg.attention_levels,
+            num_res_blocks=cfg.num_res_blocks,
+            num_head_channels=cfg.num_head_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            input_shape=(8,) * spatial_dims,  # only sizes the head we replace below
+        )
+        self.trunk.out = nn.Identity()
+        width = cfg.channels[-1]
+        self.width = width
+        self.pooling = cfg.pooling
+        self.attention = nn.Linear(width, 1) if cfg.pooling == "attention" else None
+        self.head = nn.Sequential(nn.GroupNorm(1, width), nn.SiLU(), nn.Linear(width, len(LABEL_NAMES)))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2) for x_t (B, C, *spatial) at timesteps t (B,)."""
+        features = self.trunk(x_t, t).reshape(x_t.shape[0], self.width, -1)  # (B, C_L, positions)
+        if self.attention is None:
+            pooled = features.mean(dim=2)
+        else:
+            weights = torch.softmax(self.attention(features.transpose(1, 2)), dim=1)  # (B, positions, 1)
+            pooled = (features * weights.transpose(1, 2)).sum(dim=2)
+        logits: torch.Tensor = self.head(pooled)
+        return logits
+
+
+def build_classifier(cfg: ClassifierConfig, image_channels: int, spatial_dims: int = 2) -> NoiseAwareClassifier:
+    """The noise-aware classifier; call `.eval()` before using its gradients (it has dropout)."""
+    return NoiseAwareClassifier(cfg, image_channels, spatial_dims)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

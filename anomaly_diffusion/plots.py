@@ -1,0 +1,58 @@
+"""PNG figures for people: the explain montage (input | counterfactual | map over input)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _show(axis: plt.Axes, image: np.ndarray, **kwargs: object) -> None:
+    # slices are (R->, A->) after canonical reorientation: transpose so anterior is up
+    axis.imshow(image.T, origin="lower", **kwargs)
+    axis.set_axis_off()
+
+
+def explain_montage(
+    x: torch.Tensor,
+    x_healthy: torch.Tensor,
+    anomaly_map: torch.Tensor,
+    slice_numbers: list[int],
+    rows: list[int],
+    path: Path,
+    truth: torch.Tensor | None = None,
+) -> Path:
+    """One row per chosen slice: input | healthy counterfactual | anomaly map over the input.
+
+    Args:
+        x, x_healthy: (N, C, S, S) model-resolution slices (channel 0 is shown).
+        anomaly_map: (N, S, S).
+        slice_numbers: the input's slice index of each of the N slices (for titles).
+        rows: which of the N slices to show.
+        path: PNG file to write.
+        truth: optional (N, S, S) lesion masks, drawn as a contour on the map.
+    """
+    vmax = float(anomaly_map[rows].max()) if rows else 1.0
+    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
+    for r, i in enumerate(rows):
+        base = x[i, 0].numpy()
+        _show(axes[r, 0], base, cmap="gray", vmin=-1, vmax=2)
+        _show(axes[r, 1], x_healthy[i, 0].numpy(), cmap="gray", vmin=-1, vmax=2)
+        _show(axes[r, 2], base, cmap="gray", vmin=-1, vmax=2)
+        overlay = np.ma.masked_less(anomaly_map[i].numpy(), 0.1 * vmax)
+        _show(axes[r, 2], overlay, cmap="hot", vmin=0, vmax=max(vmax, 1e-6), alpha=0.7)
+        if truth is not None and truth[i].any():
+            axes[r, 2].contour(truth[i].numpy().T.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        axes[r, 0].set_title(f"slice {slice_numbers[i]}: input", fontsize=9)
+        axes[r, 1].set_title("healthy counterfactual", fontsize=9)
+        axes[r, 2].set_title("anomaly map", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,181 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Runs are created through `MlflowClient` (no global active run): `tracked_run` opens a run, hands
+out a `RunLogger`, and closes it FINISHED, or FAILED (or KILLED on Ctrl-C) if the body raises.
+The default store is a local SQLite file with artifacts in a folder beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from anomaly_diffusion import __version__
+from anomaly_diffusion.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+_SQLITE = "sqlite:///"
+
+
+def _quiet_mlflow_loggers() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """For a SQLite store, the artifact folder beside the database file (as a file URI)."""
+    if uri.startswith(_SQLITE):
+        db = Path(uri[len(_SQLITE) :]).expanduser().resolve()
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'section.key': 'value'} for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+class RunLogger:
+    """Logging into one MLflow run."""
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters (values become strings, cut to MLflow's length limit)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite metric values at a step."""
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        items = [
+            Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(v)
+        ]
+        if items:
+            self._client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Copy a file or folder into the run's artifacts."""
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        """Store a dict as a JSON or YAML artifact (by the file name's extension)."""
+        self._client.log_dict(self.run_id, dict(data), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        """Store text as an artifact."""
+        self._client.log_text(self.run_id, text, name)
+
+
+def make_client(uri: str) -> Any:
+    """An MlflowClient for `uri`, checked to answer; TrackingError with one line otherwise."""
+    _quiet_mlflow_loggers()
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many kinds: report them as one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TrackingError(f"MLflow tracking store {uri!r} cannot be used: {first}") from exc
+    return client
+
+
+def _experiment_id(client: Any, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+        return str(experiment.experiment_id)
+    return str(client.create_experiment(name, artifact_location=artifact_root_for(uri)))
+
+
+def git_commit(path: Path) -> str | None:
+    """The git commit of the folder holding the package, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@contextmanager
+def tracked_run(
+    uri: str, experiment: str, run_name: str, kind: str, tags: Mapping[str, Any] | None = None
+) -> Iterator[RunLogger]:
+    """Open an MLflow run; it ends FINISHED, or FAILED/KILLED when the body raises."""
+    client = make_client(uri)
+    experiment_id = _experiment_id(client, uri, experiment)
+    all_tags = {"adiff.kind": kind, "adiff.version": __version__, **(tags or {})}
+    commit = git_commit(Path(__file__).parent)
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    logger = RunLogger(client, run.info.run_id, experiment_id)
+    try:
+        yield logger
+    except KeyboardInterrupt:
+        client.set_terminated(logger.run_id, status="KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(logger.run_id, status="FAILED")
+        raise
+    client.set_terminated(logger.run_id, status="FINISHED")
+
+
+def free_port(start: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """The first port >= start that can be bound on host."""
+    for port in range(start, start + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise TrackingError(f"no free port in {start}..{start + tries - 1} on {host}")
+
+
+def start_ui(uri: str, host: str, port: int) -> subprocess.Popen[bytes]:
+    """Start `mlflow ui` for the store, lean (one worker, no job runner)."""
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host]
+    command += ["--port", str(port), "--workers", "1"]
+    root = artifact_root_for(uri)
+    if root:
+        command += ["--default-artifact-root", root]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.Popen(command, env=env)

@@ -1,0 +1,1 @@
+"""Packaged YAML configs (this folder is installed as anomaly_diffusion.configs)."""
