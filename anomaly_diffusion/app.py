@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from anomaly_diffusion.config import Config, config_from_dict, load_config
-from anomaly_diffusion.data.datasets import load_slices
+from anomaly_diffusion.data.datasets import SliceDataset, load_slices
 from anomaly_diffusion.data.io import check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.transforms import foreground_mask, mask_to_slices, normalise, to_input_grid
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
-from anomaly_diffusion.explain import ScanExplanation, explain_scan
+from anomaly_diffusion.explain import ScanExplanation, check_explain_options, explain_scan
+from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
 from anomaly_diffusion.models.bundle import load_bundle
 from anomaly_diffusion.plots import explain_montage
@@ -78,9 +79,10 @@ def run_train(
         raise InputError(f"{cfg.data.manifest}: no subjects in the train split")
     name = run_name or timestamped("train")
     out_dir = out_dir or cfg.train.output_dir / name
-    check_writable(out_dir / "bundle.pt", overwrite=False)
     data = load_slices(train_rows, cfg.data)
     val = load_slices(val_rows, cfg.data) if val_rows else None
+    _preflight(cfg, data)
+    check_writable(out_dir / "bundle.pt", overwrite=False)
     summary = {"train": data.summary(), **({"val": val.summary()} if val is not None else {})}
     if on_data is not None:
         on_data(summary)
@@ -93,6 +95,18 @@ def run_train(
         run.log_metrics(result.classifier_accuracy)
         run.log_artifact(result.bundle_path, "model")
     return TrainOutcome(run.run_id, out_dir, result, summary, time.perf_counter() - started)
+
+
+def _preflight(cfg: Config, data: SliceDataset) -> None:
+    """Refuse data that cannot train what the config asks for, before any training starts."""
+    healthy, pathological = data.count(HEALTHY), data.count(PATHOLOGICAL)
+    if cfg.train.classifier_steps and (healthy == 0 or pathological == 0):
+        raise InputError(
+            f"{cfg.data.manifest}: the classifier needs both classes; the train split has {healthy} healthy and "
+            f"{pathological} pathological slices"
+        )
+    if cfg.train.ddpm_steps and cfg.data.ddpm_train_on == "healthy" and healthy == 0:
+        raise InputError(f"{cfg.data.manifest}: no healthy train slices for the DDPM (data.ddpm_train_on=healthy)")
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,9 @@ def find_latest_bundle(root: Path) -> Path:
     """The newest complete bundle under root (for explain without --checkpoint)."""
     bundles = sorted(root.glob("*/bundle.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not bundles:
-        raise CheckpointError(f"no --checkpoint given and no trained bundle found under {root}/; pass --checkpoint PATH")
+        raise CheckpointError(
+            f"no --checkpoint given and no trained bundle found under {root}/; pass --checkpoint PATH"
+        )
     return bundles[-1]
 
 
@@ -150,6 +166,7 @@ def run_explain(
     scale = cfg.explain.scale if scale is None else scale
     steps = cfg.explain.steps if steps is None else steps
     batch_size = batch_size or cfg.explain.batch_size
+    check_explain_options(bundle, noise_level, scale, steps)
     scan = load_scan(list(scans), expected_channels=cfg.data.image_channels)
     truth = read_mask(mask, scan) if mask is not None else None
     brain = read_mask(brainmask, scan) if brainmask is not None else None
@@ -188,13 +205,18 @@ def run_explain(
         metrics.update({f"pixel_{k}": v for k, v in pixel.as_dict().items()})
         metrics.update({f"intensity_baseline_{k}": v for k, v in baseline.as_dict().items()})
     save_like(explanation.anomaly_map, scan, outputs["anomaly_map"])
-    for c, path in enumerate(scans):
+    for c in range(len(scans)):
         save_like(explanation.healthy[c], scan, outputs[f"healthy_{c}" if c else "healthy"])
     order = torch.argsort(slices.anomaly_map.flatten(1).amax(dim=1), descending=True)
     rows = order[: cfg.explain.montage_slices].sort().values.tolist()
     truth_slices = mask_to_slices(truth, explanation.state) if truth is not None else None
     explain_montage(
-        slices.x, slices.x_healthy, slices.anomaly_map, explanation.state.kept.tolist(), rows, outputs["montage"],
+        slices.x,
+        slices.x_healthy,
+        slices.anomaly_map,
+        explanation.state.kept.tolist(),
+        rows,
+        outputs["montage"],
         truth_slices,
     )
     params = {

@@ -86,7 +86,10 @@ def _phase_progress(progress: Progress) -> Callable[[str, int, int, dict[str, fl
         if phase not in tasks:
             tasks[phase] = progress.add_task(phase, total=total, info="")
         info = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        progress.update(tasks[phase], completed=step, **({"info": info} if info else {}))
+        if info:
+            progress.update(tasks[phase], completed=step, info=info)
+        else:
+            progress.update(tasks[phase], completed=step)
         now = time.monotonic()
         if not console.is_terminal and info and (now - last_print.get(phase, 0.0) > 15 or step == total):
             last_print[phase] = now
@@ -104,7 +107,9 @@ def train(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Dotted override, e.g. --set train.ddpm_steps=500.")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for bundle.pt (default: train.output_dir/RUN).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for bundle.pt (default: train.output_dir/RUN).")
+    ] = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name.")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -125,7 +130,9 @@ def train(
     out.print(f"bundle: {result.bundle_path}", highlight=False)
     out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
     accuracy = "  ".join(f"{k}={v:.3f}" for k, v in result.classifier_accuracy.items())
-    out.print(f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False)
+    out.print(
+        f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False
+    )
     out.print(f"time: {outcome.seconds:.0f} s", highlight=False)
 
 
@@ -135,15 +142,21 @@ def explain(
     scans: Annotated[
         list[Path], typer.Argument(help="NIfTI file(s) or DICOM series folder(s), one per model channel.")
     ],
-    noise_level: Annotated[int | None, typer.Option("--noise-level", "-L", help="Encoding depth L, 1 <= L < T.")] = None,
+    noise_level: Annotated[
+        int | None, typer.Option("--noise-level", "-L", help="Encoding depth L, 1 <= L < T.")
+    ] = None,
     scale: Annotated[float | None, typer.Option("--scale", help="Guidance scale s (0 = unguided).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="DDIM steps K for encode and for decode (stride L/K).")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="DDIM steps K for encode and for decode (stride L/K).")
+    ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="Model bundle (default: newest under ./adiff_runs).")
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_explain"),
     mask: Annotated[Path | None, typer.Option("--mask", help="Ground-truth lesion mask: adds Dice/AUPRC.")] = None,
-    brainmask: Annotated[Path | None, typer.Option("--brainmask", help="Brain mask (else foreground threshold).")] = None,
+    brainmask: Annotated[
+        Path | None, typer.Option("--brainmask", help="Brain mask (else foreground threshold).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
@@ -163,8 +176,19 @@ def explain(
             progress.update(task, completed=done, total=total)
 
         outcome = run_explain(
-            scans, bundle_path, out_dir, _uri(tracking_uri), noise_level, scale, steps, batch_size,
-            mask, brainmask, overwrite, device, update,
+            scans,
+            bundle_path,
+            out_dir,
+            _uri(tracking_uri),
+            noise_level,
+            scale,
+            steps,
+            batch_size,
+            mask,
+            brainmask,
+            overwrite,
+            device,
+            update,
         )
     _print_explain(outcome)
 
@@ -181,7 +205,8 @@ def _print_explain(outcome: Any) -> None:
     if outcome.pixel is not None:
         p, b = outcome.pixel, outcome.baseline
         out.print(
-            f"vs mask: AUPRC={p.auprc:.3f} AUROC={p.auroc:.3f} Dice(otsu)={p.dice_otsu:.3f} Dice(best)={p.dice_best:.3f}"
+            f"vs mask: AUPRC={p.auprc:.3f} AUROC={p.auroc:.3f} "
+            f"Dice(otsu)={p.dice_otsu:.3f} Dice(best)={p.dice_best:.3f}"
             f" | raw-intensity baseline: AUPRC={b.auprc:.3f} AUROC={b.auroc:.3f} Dice(best)={b.dice_best:.3f}",
             highlight=False,
         )
@@ -191,8 +216,12 @@ def _print_explain(outcome: Any) -> None:
 @app.command()
 @_one_line_errors
 def demo(
-    work_dir: Annotated[Path, typer.Option("--work-dir", help="Where the demo dataset and runs go.")] = Path("adiff_demo"),
-    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override of the demo config.")] = None,
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="Where the demo dataset and runs go.")] = Path(
+        "adiff_demo"
+    ),
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Dotted override of the demo config.")
+    ] = None,
     n_subjects: Annotated[int, typer.Option("--subjects", min=4, help="Synthetic subjects to build.")] = 24,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -221,8 +250,13 @@ def demo(
     with _progress() as progress:
         task = progress.add_task("explain slices", total=None, info="")
         outcome = run_explain(
-            list(row.images), trained.result.bundle_path, work_dir / "explain", uri, mask=row.mask,
-            brainmask=row.brainmask, overwrite=True,
+            list(row.images),
+            trained.result.bundle_path,
+            work_dir / "explain",
+            uri,
+            mask=row.mask,
+            brainmask=row.brainmask,
+            overwrite=True,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     _print_explain(outcome)
@@ -231,9 +265,9 @@ def demo(
 
 
 def _has_lesion(path: Path | None) -> bool:
-    import nibabel as nib
+    from anomaly_diffusion.data.io import read_volume
 
-    return path is not None and bool((nib.load(str(path)).get_fdata() > 0).any())
+    return path is not None and bool((read_volume(path)[0] > 0).any())
 
 
 @app.command()

@@ -61,9 +61,7 @@ class ClassifierConfig(_Strict):
         return self
 
 
-def _check_levels(
-    channels: tuple[int, ...], attention: tuple[bool, ...], groups: int, head_channels: int
-) -> None:
+def _check_levels(channels: tuple[int, ...], attention: tuple[bool, ...], groups: int, head_channels: int) -> None:
     if len(channels) != len(attention):
         raise ValueError("channels and attention_levels need the same length")
     if any(c % groups for c in channels):

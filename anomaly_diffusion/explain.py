@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from anomaly_diffusion.data.io import Scan
-from anomaly_diffusion.data.transforms import PreprocessState, denormalise_delta, fit_preprocess, to_input_grid, to_slices
+from anomaly_diffusion.data.transforms import (
+    PreprocessState,
+    denormalise_delta,
+    fit_preprocess,
+    to_input_grid,
+    to_slices,
+)
 from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode
 from anomaly_diffusion.diffusion.schedule import ddim_timesteps

@@ -28,7 +28,5 @@ def check_labels(labels: Iterable[int] | np.ndarray, source: str) -> np.ndarray:
     array = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels)
     if array.size and not np.isin(array, list(LABEL_NAMES)).all():
         bad = sorted(set(np.unique(array).tolist()) - set(LABEL_NAMES))
-        raise InputError(
-            f"{source}: labels must be {HEALTHY} (healthy) or {PATHOLOGICAL} (pathological), found {bad}"
-        )
+        raise InputError(f"{source}: labels must be {HEALTHY} (healthy) or {PATHOLOGICAL} (pathological), found {bad}")
     return array.astype(np.int64)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
 
-def _show(axis: plt.Axes, image: np.ndarray, **kwargs: object) -> None:
+def _show(axis: plt.Axes, image: np.ndarray, **kwargs: Any) -> None:
     # slices are (R->, A->) after canonical reorientation: transpose so anterior is up
     axis.imshow(image.T, origin="lower", **kwargs)
     axis.set_axis_off()

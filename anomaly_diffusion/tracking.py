@@ -73,9 +73,7 @@ class RunLogger:
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
-        items = [
-            Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(v)
-        ]
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         if items:
             self._client.log_batch(self.run_id, metrics=items)
 

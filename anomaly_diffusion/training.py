@@ -230,7 +230,9 @@ def train_classifier(
         elif progress is not None:
             progress("classifier", step, tc.classifier_steps, {})
     classifier.eval()
-    accuracy = classifier_accuracy_by_quartile(classifier, schedule, val if val is not None and len(val) else data, device, tc.seed)
+    accuracy = classifier_accuracy_by_quartile(
+        classifier, schedule, val if val is not None and len(val) else data, device, tc.seed
+    )
     if sink is not None:
         sink(accuracy, tc.classifier_steps)
     return classifier, last, accuracy
@@ -247,7 +249,9 @@ def train(
 ) -> TrainResult:
     """Train both models and write `out_dir/bundle.pt` (periodic `checkpoint.pt` on the way)."""
     device = resolve_device(cfg.train.device)
-    schedule = make_schedule(cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end)
+    schedule = make_schedule(
+        cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end
+    )
 
     untrained_classifier = build_classifier(cfg.classifier, cfg.data.image_channels)
 

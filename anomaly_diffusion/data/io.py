@@ -110,9 +110,7 @@ def load_scan(paths: Sequence[Path], expected_channels: int | None = None) -> Sc
     if not paths:
         raise InputError("no input scan given")
     if expected_channels is not None and len(paths) != expected_channels:
-        raise InputError(
-            f"{paths[0]}: the model expects {expected_channels} channel file(s), got {len(paths)}"
-        )
+        raise InputError(f"{paths[0]}: the model expects {expected_channels} channel file(s), got {len(paths)}")
     arrays, first = [], None
     for path in paths:
         array, affine, header, spatial_shape = read_volume(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -36,16 +36,21 @@ class NoiseSchedule:
 
     def to_dict(self) -> dict[str, object]:
         """Plain data for a model bundle (loadable with ``torch.load(weights_only=True)``)."""
-        return {"kind": self.kind, "betas": self.betas.clone()}
+        return {"kind": self.kind, "betas": self.betas.clone(), "alpha_bar": self.alpha_bar.clone()}
 
     @staticmethod
-    def from_dict(data: dict[str, object]) -> NoiseSchedule:
+    def from_dict(data: dict[str, Any]) -> NoiseSchedule:
         """Inverse of `to_dict`."""
-        betas = data["betas"]
-        kind = data["kind"]
-        if not isinstance(betas, torch.Tensor) or kind not in ("linear", "cosine"):
+        betas, alpha_bar, kind = data.get("betas"), data.get("alpha_bar"), data.get("kind")
+        if (
+            not isinstance(betas, torch.Tensor)
+            or not isinstance(alpha_bar, torch.Tensor)
+            or betas.shape != alpha_bar.shape
+            or betas.dim() != 1
+            or kind not in ("linear", "cosine")
+        ):
             raise ConfigError("schedule in bundle is malformed")
-        return _from_betas(kind, betas.double())  # type: ignore[arg-type]
+        return NoiseSchedule(kind=kind, betas=betas.float(), alpha_bar=alpha_bar.float())
 
 
 def _from_betas(kind: ScheduleKind, betas64: torch.Tensor) -> NoiseSchedule:

@@ -90,9 +90,12 @@ def read_bundle_file(path: Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: the file needs pickled code to load (weights_only=True); not an adiff bundle"
-        ) from exc
+        if "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused: the file needs pickled code to load (not allowed with weights_only=True); "
+                "only adiff bundles are accepted"
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch weights file)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from exc
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:

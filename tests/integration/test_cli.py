@@ -1,0 +1,202 @@
+"""The real CLI (typer's CliRunner) on tiny synthetic scans, with a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from anomaly_diffusion.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # default outputs (adiff_runs/, mlruns.db) land in tmp, never in the repo
+
+
+def _train(tmp_path: Path, manifest: Path, uri: str, *extra: str) -> Path:
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--set",
+            f"data.manifest={manifest}",
+            "--set",
+            "data.min_foreground_fraction=0",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            uri,
+            "--run-name",
+            "tiny-train",
+            *extra,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "bundle.pt").is_file()
+    return out / "bundle.pt"
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, tiny_dataset: Path, tracking_uri: str) -> Path:
+    return _train(tmp_path, tiny_dataset, tracking_uri)
+
+
+def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
+    tmp_path: Path, tiny_dataset: Path, tracking_uri: str, bundle: Path
+) -> None:
+    scan = tiny_dataset.parent / "s5_t1.nii.gz"
+    out = tmp_path / "explain"
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(scan),
+            "--checkpoint",
+            str(bundle),
+            "--noise-level",
+            "30",
+            "--steps",
+            "6",
+            "--scale",
+            "20",
+            "--out",
+            str(out),
+            "--mask",
+            str(tiny_dataset.parent / "s5_mask.nii.gz"),
+            "--tracking-uri",
+            tracking_uri,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    source = nib.load(str(scan))
+    for name in ("s5_t1_anomaly_map.nii.gz", "s5_t1_healthy.nii.gz"):
+        image = nib.load(str(out / name))
+        assert image.shape == source.shape
+        assert np.allclose(image.affine, source.affine)
+        assert np.isfinite(image.get_fdata()).all()
+    anomaly = nib.load(str(out / "s5_t1_anomaly_map.nii.gz")).get_fdata()
+    assert anomaly.min() >= 0 and anomaly.max() > 0
+    assert (out / "s5_t1_montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "AUPRC" in result.output and "p(healthy)" in result.output
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("anomaly_diffusion")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    train, explain = runs["tiny-train"], runs["explain-s5_t1"]
+    assert train.info.status == "FINISHED" and explain.info.status == "FINISHED"
+    assert train.data.params["train.ddpm_steps"] == "4"
+    assert {"ddpm_loss", "classifier_loss", "classifier_acc_q1", "classifier_acc_q4"} <= set(train.data.metrics)
+    assert len(client.get_metric_history(train.info.run_id, "ddpm_loss")) == 2  # a curve, logged every 2 steps
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "model")] == ["model/bundle.pt"]
+    assert explain.data.params["noise_level"] == "30" and explain.data.params["steps"] == "6"
+    assert 0 <= explain.data.metrics["p_healthy_before_mean"] <= 1
+    assert "pixel_auprc" in explain.data.metrics and "intensity_baseline_auprc" in explain.data.metrics
+    assert explain.data.tags["adiff.train_run_id"] == train.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(explain.info.run_id, "explain")}
+    assert {"explain/s5_t1_anomaly_map.nii.gz", "explain/s5_t1_montage.png"} <= artifacts
+
+
+def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_explain_errors_are_one_line_and_leave_outputs_untouched(
+    tmp_path: Path, tiny_dataset: Path, tracking_uri: str, bundle: Path
+) -> None:
+    scan = str(tiny_dataset.parent / "s5_t1.nii.gz")
+    out = tmp_path / "explain"
+    out.mkdir()
+    existing = out / "s5_t1_anomaly_map.nii.gz"
+    existing.write_bytes(b"an earlier result")
+    base = ["--checkpoint", str(bundle), "--out", str(out), "--tracking-uri", tracking_uri]
+    cases = {
+        "file not found": ["explain", str(tmp_path / "nope.nii.gz"), *base],
+        "noise level must be in 1..99": ["explain", scan, "--noise-level", "100", *base],
+        "noise level must be in 1..99 ": ["explain", scan, "--noise-level", "0", *base],
+        "steps must be in": ["explain", scan, "--noise-level", "10", "--steps", "11", *base],
+        "scale must be": ["explain", scan, "--scale", "-1", *base],
+        "checkpoint not found": ["explain", scan, "--checkpoint", str(tmp_path / "none.pt"), "--out", str(out)],
+        "already exists": ["explain", scan, *base],
+        "expects 1 channel": ["explain", scan, scan, *base],
+    }
+    for message, args in cases.items():
+        line = _one_line_error(runner.invoke(app, args))
+        assert message.strip() in line, (message, line)
+        assert existing.read_bytes() == b"an earlier result"
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("anomaly_diffusion").experiment_id])
+    assert [r.info.run_name for r in runs] == ["tiny-train"]  # no half-made explain runs
+
+
+def test_train_errors(tmp_path: Path, tracking_uri: str) -> None:
+    line = _one_line_error(runner.invoke(app, ["train", "--config", "tiny", "--tracking-uri", tracking_uri]))
+    assert "data.manifest is not set" in line
+    line = _one_line_error(runner.invoke(app, ["train", "--config", str(tmp_path / "x.yaml")]))
+    assert "config file not found" in line
+    line = _one_line_error(runner.invoke(app, ["train", "--config", "tiny", "--set", "unet.channels=[7]"]))
+    assert "unet" in line
+
+
+def test_data_without_both_classes_is_refused_before_training(tmp_path: Path, tiny_dataset: Path) -> None:
+    healthy = tiny_dataset.parent / "healthy.csv"
+    text = tiny_dataset.read_text().splitlines()
+    healthy.write_text("\n".join(line.replace("_mask", "_empty") for line in text) + "\n")
+    for line in text[1:]:
+        src = tiny_dataset.parent / line.split(",")[3]
+        empty = np.zeros(nib.load(str(src)).shape, np.uint8)
+        nib.save(nib.Nifti1Image(empty, nib.load(str(src)).affine), str(src).replace("_mask", "_empty"))
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    result = runner.invoke(
+        app, ["train", "--config", "tiny", "--set", f"data.manifest={healthy}", "--tracking-uri", uri]
+    )
+    assert "needs both classes" in _one_line_error(result)
+    assert not (tmp_path / "other.db").exists() or not MlflowClient(uri).search_runs(["0"])
+
+
+def test_a_crashing_run_is_marked_failed_and_keeps_its_checkpoint(
+    tmp_path: Path, tiny_dataset: Path, tracking_uri: str
+) -> None:
+    # an absurd learning rate makes the DDPM loss non-finite: the numerical guard stops the run
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--set",
+            f"data.manifest={tiny_dataset}",
+            "--set",
+            "train.ddpm_lr=1e30",
+            "--set",
+            "train.ddpm_steps=50",
+            "--set",
+            "train.checkpoint_every=1",
+            "--out",
+            str(tmp_path / "r"),
+            "--tracking-uri",
+            tracking_uri,
+            "--run-name",
+            "doomed",
+        ],
+    )
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error:") and "loss became" in last and "Traceback" not in result.output
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("anomaly_diffusion").experiment_id])
+    assert run.info.run_name == "doomed" and run.info.status == "FAILED"
+    assert (tmp_path / "r" / "checkpoint.pt").is_file() and not (tmp_path / "r" / "bundle.pt").exists()
