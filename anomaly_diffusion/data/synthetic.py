@@ -1,0 +1,448 @@
+"""A small offline demo dataset built from a real brain MRI: nilearn's MNI152 2009a template.
+
+The template ships inside the nilearn wheel, so the dataset can be built on a fresh machine
+without a network. Each subject is a plausible variation of the same brain:
+
+1. the template (already skull-stripped, uint8 0..255, scaled here to 0..1) is downsampled
+   once to ``voxel_size_mm`` isotropic with anti-aliasing;
+2. a smooth random elastic deformation of a few mm and a small random affine (rotation up to
+   5 degrees, scale +-5 %, shift +-2 mm) are composed into one sampling grid and applied with
+   one interpolation to the T1, the white-matter probability and the brain mask;
+3. a random gamma changes tissue contrast;
+4. lesioned subjects get 1 to 3 blobby hyperintense lesions centred in white matter
+   (`add_lesions`), blended towards 1.5-1.9x the subject's mean white-matter intensity;
+5. a smooth multiplicative bias field (+-10-15 %) and Gaussian noise (2-4 % of the mean brain
+   intensity) imitate the scanner; everything outside the brain mask is zero, as in
+   skull-stripped data.
+
+The lesions are brighter than white matter, like white-matter lesions on FLAIR, although the
+anatomy is a T1: the point is a realistic brain with a known, detectable anomaly, not a
+faithful MS simulation. Healthy subjects get an all-zero lesion mask so that slice labels can
+be derived from the masks (a slice is pathological iff its mask slice has lesion voxels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from anomaly_diffusion.data.manifest import SPLITS, ManifestRow, Split, write_manifest
+from anomaly_diffusion.errors import ConfigError, InputError
+
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+LESION_DIAMETER_MM = (8.0, 25.0)
+LESION_CONTRAST = (1.5, 1.9)  # lesion intensity / subject's mean white-matter intensity
+MIN_LESION_RADIUS_VOXELS = 1.1  # keeps a centre voxel and its 6 neighbours at coarse voxels
+LESION_EDGE_VOXELS = 0.5  # width of the soft edge of the blend weight
+_MAX_LESIONS = 3
+
+
+@dataclass(frozen=True)
+class Template:
+    """The MNI152 template resampled to an isotropic grid.
+
+    Attributes:
+        t1: T1 intensities scaled to 0..1, shape (X, Y, Z), float32.
+        wm: white-matter probability 0..1, shape (X, Y, Z), float32.
+        brain: brain mask as a 0..1 float (fraction of the voxel in the brain), float32.
+        affine: voxel-to-world (mm) matrix of the grid, shape (4, 4).
+        voxel_size_mm: edge of the isotropic voxels.
+    """
+
+    t1: np.ndarray
+    wm: np.ndarray
+    brain: np.ndarray
+    affine: np.ndarray
+    voxel_size_mm: float
+
+
+def template_path(name: str) -> Path:
+    """Return the path of one of nilearn's bundled MNI152 2009a files.
+
+    Args:
+        name: a key of `TEMPLATE_FILES` ("t1" or "wm").
+
+    Raises:
+        InputError: if nilearn or the file is missing.
+    """
+    # find_spec locates the installed package without importing it: importing
+    # nilearn.datasets (as importlib.resources.files would) pulls in scikit-learn, about 1 s.
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the demo dataset needs nilearn's bundled MNI152 template; install nilearn")
+    folders = [Path(p) / "datasets" / "data" for p in spec.submodule_search_locations]
+    for folder in folders:
+        if (folder / TEMPLATE_FILES[name]).is_file():
+            return folder / TEMPLATE_FILES[name]
+    raise InputError(f"nilearn's MNI152 template file {TEMPLATE_FILES[name]} not found in {folders[0]}")
+
+
+def _downsample(volume: np.ndarray, factor: float) -> np.ndarray:
+    """Resample a 1 mm volume to voxels `factor` times larger, with anti-aliasing.
+
+    Output voxel j covers input voxels [j * factor, (j + 1) * factor), so its centre is input
+    coordinate j * factor + (factor - 1) / 2 and the grid has ceil(n / factor) voxels per axis.
+    Integer factors use exact block means (fast); others a Gaussian prefilter (sigma =
+    (factor - 1) / 2, as skimage) and linear interpolation.
+    """
+    shape_out = tuple(math.ceil(n / factor) for n in volume.shape)
+    if factor == round(factor):
+        f = round(factor)
+        padded = np.zeros(tuple(n * f for n in shape_out), dtype=np.float32)
+        padded[tuple(slice(0, n) for n in volume.shape)] = volume
+        blocks = padded.reshape(shape_out[0], f, shape_out[1], f, shape_out[2], f)
+        return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+    smooth = ndimage.gaussian_filter(volume, sigma=(factor - 1) / 2)
+    coords = np.meshgrid(*[np.arange(n) * factor + (factor - 1) / 2 for n in shape_out], indexing="ij")
+    return ndimage.map_coordinates(smooth, coords, order=1, mode="constant").astype(np.float32)
+
+
+def load_template(voxel_size_mm: float = 2.0) -> Template:
+    """Load nilearn's MNI152 2009a T1 and white-matter map at `voxel_size_mm` isotropic.
+
+    The template is skull-stripped (zero outside the brain) and stored as uint8; the T1 is
+    scaled by 1/255 so that white matter is about 0.84 and grey matter about 0.65.
+
+    Args:
+        voxel_size_mm: voxel edge of the result, >= 1 (the template is 1 mm).
+
+    Raises:
+        InputError: if the template cannot be found.
+    """
+    t1_image = cast(nib.Nifti1Image, nib.load(template_path("t1")))
+    wm_image = cast(nib.Nifti1Image, nib.load(template_path("wm")))
+    # Reading the uint8 data and converting here is much faster than asking nibabel for floats.
+    t1 = np.asanyarray(t1_image.dataobj).astype(np.float32) / 255.0
+    wm = np.asanyarray(wm_image.dataobj).astype(np.float32) / 255.0
+    # The T1 is already masked to the brain (CSF included), so its support is the brain mask.
+    brain = (t1 > 0).astype(np.float32)
+    factor = voxel_size_mm / float(np.linalg.norm(t1_image.affine[:3, 0]))
+    affine = np.array(t1_image.affine, dtype=np.float64)
+    linear = affine[:3, :3].copy()
+    affine[:3, 3] = affine[:3, 3] + linear @ np.full(3, (factor - 1) / 2)
+    affine[:3, :3] = linear * factor
+    return Template(
+        t1=_downsample(t1, factor),
+        wm=_downsample(wm, factor),
+        brain=_downsample(brain, factor),
+        affine=affine,
+        voxel_size_mm=voxel_size_mm,
+    )
+
+
+def _smooth_field(shape: tuple[int, ...], spacing_voxels: float, rng: np.random.Generator) -> np.ndarray:
+    """Return a smooth random field of `shape`, unit standard deviation at control points.
+
+    Independent normal values on a coarse grid of control points about `spacing_voxels`
+    apart are interpolated with cubic splines, so the field has no detail finer than that.
+    """
+    coarse_shape = tuple(max(2, math.ceil(n / spacing_voxels) + 1) for n in shape)
+    coarse = rng.standard_normal(coarse_shape)
+    # Spline zooming is linear and separable, so one small matrix per axis does the same
+    # as ndimage.zoom on the whole volume, several times faster.
+    matrices = [_zoom_matrix(c, n) for c, n in zip(coarse_shape, shape, strict=True)]
+    field = np.einsum("ia,jb,kc,abc->ijk", *matrices, coarse, optimize=True)
+    return field.astype(np.float32)
+
+
+def _zoom_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Cubic-spline upsampling from `n_in` to `n_out` samples as a matrix (n_out, n_in)."""
+    eye = np.eye(n_in)
+    columns = [ndimage.zoom(e, n_out / n_in, order=3, mode="nearest", grid_mode=True)[:n_out] for e in eye]
+    return np.stack(columns, axis=1)
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    """Rotation matrix for angles (radians) about the three axes, applied x, then y, then z."""
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _sampling_grid(shape: tuple[int, int, int], voxel_size_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Source coordinates of a random affine plus smooth elastic warp, shape (3, X, Y, Z).
+
+    x_src = c + A (x - c) + t + d(x), with A a rotation (each angle up to 5 degrees) times a
+    per-axis scale in [0.95, 1.05] about the grid centre c, t a shift up to 2 mm per axis and d
+    a smooth displacement (control points 32 mm apart, 2-3 mm standard deviation).
+    """
+    centre = (np.array(shape) - 1) / 2
+    a = _rotation(np.deg2rad(rng.uniform(-5, 5, 3))) @ np.diag(rng.uniform(0.95, 1.05, 3))
+    shift = rng.uniform(-2, 2, 3) / voxel_size_mm
+    sigma = rng.uniform(2.0, 3.0) / voxel_size_mm
+    spacing = 32.0 / voxel_size_mm
+    axes = [np.arange(n, dtype=np.float32) - c for n, c in zip(shape, centre, strict=True)]
+    grid = np.empty((3, *shape), dtype=np.float32)
+    for i in range(3):
+        # Broadcasting the affine part over the three axes avoids a (3, N) matrix product.
+        grid[i] = a[i, 0] * axes[0][:, None, None] + a[i, 1] * axes[1][None, :, None] + a[i, 2] * axes[2][None, None, :]
+        grid[i] += centre[i] + shift[i]
+        grid[i] += sigma * _smooth_field(shape, spacing, rng)
+    return grid
+
+
+def _ellipsoid_weight(coords: np.ndarray, centre: np.ndarray, radii: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Soft indicator of an ellipsoid: 1 / (1 + exp((rho - 1) / tau)), > 0.5 iff rho < 1.
+
+    Args:
+        coords: voxel coordinates, shape (3, *box).
+        centre: ellipsoid centre in voxels, shape (3,).
+        radii: semi-axes in voxels, shape (3,).
+        rotation: orientation of the semi-axes, shape (3, 3).
+    """
+    offset = coords - centre.reshape(3, *([1] * (coords.ndim - 1)))
+    local = np.tensordot(rotation.T, offset, axes=1)
+    rho = np.sqrt(sum((local[i] / radii[i]) ** 2 for i in range(3)))
+    # tau makes the edge about LESION_EDGE_VOXELS wide whatever the ellipsoid's size.
+    tau = LESION_EDGE_VOXELS / float(radii.mean())
+    return 1.0 / (1.0 + np.exp(np.clip((rho - 1.0) / tau, -50.0, 50.0)))
+
+
+def add_lesions(
+    volume: np.ndarray,
+    wm_mask: np.ndarray,
+    rng: np.random.Generator,
+    voxel_size_mm: float,
+    *,
+    brain_mask: np.ndarray | None = None,
+    n_lesions: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add blobby hyperintense lesions centred in white matter.
+
+    Each lesion is the union of a main ellipsoid (diameter 8-25 mm, at least
+    2 x `MIN_LESION_RADIUS_VOXELS` voxels so it survives coarse voxels) and 0-2 smaller
+    ellipsoids off its centre, all randomly oriented. Its soft weight w (0..1) blends the
+    intensity towards k x mean WM intensity with k in [1.5, 1.9]:
+    v <- (1 - w) v + w k mean_wm. The centre is a white-matter voxel (inside the brain mask when
+    one is given), at least 0.6 x the lesion's radius deep in white matter where there is such
+    a voxel; the lesion mask is w > 0.5 and always contains the centre voxel.
+
+    Args:
+        volume: intensities, shape (X, Y, Z); not modified.
+        wm_mask: white-matter mask or probability (WM where > 0.5), shape (X, Y, Z).
+        rng: source of randomness.
+        voxel_size_mm: isotropic voxel edge, to size the lesions in mm.
+        brain_mask: if given (brain where > 0.5), lesions are cut to the brain.
+        n_lesions: number of lesions; random in 1..3 when None.
+
+    Returns:
+        The lesioned volume (float32, same shape) and the lesion mask (uint8 0/1).
+
+    Raises:
+        ValueError: if `wm_mask` has no white matter or the shapes differ.
+    """
+    if volume.shape != wm_mask.shape or volume.ndim != 3:
+        raise ValueError(f"volume {volume.shape} and wm_mask {wm_mask.shape} must be 3D alike")
+    if brain_mask is not None and brain_mask.shape != volume.shape:
+        raise ValueError(f"brain_mask {brain_mask.shape} must match volume {volume.shape}")
+    inside = None if brain_mask is None else (brain_mask > 0.5)
+    wm = wm_mask > 0.5 if inside is None else (wm_mask > 0.5) & inside
+    if not wm.any():
+        raise ValueError("wm_mask has no white-matter voxel (inside the brain) to centre a lesion on")
+    out = np.array(volume, dtype=np.float32, copy=True)
+    weight_max = np.zeros(volume.shape, dtype=np.float32)
+    mean_wm = float(out[wm].mean())
+    depth = ndimage.distance_transform_edt(wm)
+    count = int(rng.integers(1, _MAX_LESIONS + 1)) if n_lesions is None else n_lesions
+    for _ in range(count):
+        diameter = rng.uniform(*LESION_DIAMETER_MM)
+        radius = max(diameter / 2 / voxel_size_mm, MIN_LESION_RADIUS_VOXELS)
+        # A centre at least 0.6 radius deep in WM keeps most of the lesion in WM where possible.
+        candidates = np.argwhere(depth >= min(max(1.0, 0.6 * radius), depth.max()))
+        centre = candidates[rng.integers(len(candidates))].astype(np.float64)
+        parts = [(centre, np.maximum(radius * rng.uniform(0.75, 1.3, 3), MIN_LESION_RADIUS_VOXELS))]
+        for _ in range(int(rng.integers(0, 3))):
+            direction = rng.standard_normal(3)
+            direction /= np.linalg.norm(direction)
+            parts.append(
+                (
+                    centre + direction * radius * rng.uniform(0.4, 0.8),
+                    radius * rng.uniform(0.4, 0.7, 3),
+                )
+            )
+        half = math.ceil(2.5 * radius) + 2
+        lo = np.maximum(centre.astype(int) - half, 0)
+        hi = np.minimum(centre.astype(int) + half + 1, volume.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        coords = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")).astype(
+            np.float64
+        )
+        weight = np.zeros(coords.shape[1:])
+        for part_centre, radii in parts:
+            rotation = _rotation(rng.uniform(-np.pi, np.pi, 3))
+            weight = np.maximum(weight, _ellipsoid_weight(coords, part_centre, radii, rotation))
+        if inside is not None:
+            weight = weight * inside[box]
+        target = rng.uniform(*LESION_CONTRAST) * mean_wm
+        out[box] = (1 - weight) * out[box] + weight * target
+        weight_max[box] = np.maximum(weight_max[box], weight)
+    return out, (weight_max > 0.5).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One synthetic subject, all arrays of the template's shape.
+
+    Attributes:
+        t1: intensities, float32, zero outside the brain.
+        lesion: lesion mask, uint8 0/1 (all zero for healthy subjects).
+        brain: brain mask, uint8 0/1.
+    """
+
+    t1: np.ndarray
+    lesion: np.ndarray
+    brain: np.ndarray
+
+
+def make_subject(template: Template, rng: np.random.Generator, *, lesioned: bool) -> Subject:
+    """Make one subject: deformed, contrast-varied, optionally lesioned, biased and noisy.
+
+    Args:
+        template: the resampled template (`load_template`).
+        rng: source of randomness.
+        lesioned: whether to add lesions (`add_lesions`).
+    """
+    shape = template.t1.shape
+    grid = _sampling_grid(shape, template.voxel_size_mm, rng)
+    t1 = ndimage.map_coordinates(template.t1, grid, order=3, mode="constant")
+    wm = ndimage.map_coordinates(template.wm, grid, order=1, mode="constant")
+    brain = ndimage.map_coordinates(template.brain, grid, order=1, mode="constant") > 0.5
+    t1 = np.clip(t1, 0.0, 1.0) ** np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
+    lesion = np.zeros(shape, dtype=np.uint8)
+    if lesioned:
+        t1, lesion = add_lesions(t1, wm, rng, template.voxel_size_mm, brain_mask=brain)
+    bias = _smooth_field(shape, 64.0 / template.voxel_size_mm, rng)
+    bias *= rng.uniform(0.10, 0.15) / max(float(np.abs(bias).max()), 1e-6)
+    t1 = t1 * (1.0 + bias)
+    noise_sigma = rng.uniform(0.02, 0.04) * float(t1[brain].mean())
+    t1 = t1 + noise_sigma * rng.standard_normal(shape, dtype=np.float32)
+    t1 = np.where(brain, np.clip(t1, 0.0, None), 0.0).astype(np.float32)
+    return Subject(t1=t1, lesion=lesion, brain=brain.astype(np.uint8))
+
+
+def _split_counts(n: int, fractions: tuple[float, float, float]) -> dict[Split, int]:
+    """Subjects per split: test and train get at least 1 and 2 subjects, val the rest."""
+    n_test = max(1, round(fractions[2] * n))
+    n_val = round(fractions[1] * n)
+    n_val = min(n_val, n - n_test - 2)
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def _lesioned_counts(counts: dict[Split, int], fraction: float) -> dict[Split, int]:
+    """Lesioned subjects per split, about `fraction` of each split and of the whole.
+
+    Test gets at least one lesioned subject and train at least one lesioned and one healthy;
+    the remaining lesioned subjects go where the proportional share was most rounded down.
+    """
+    total = sum(counts.values())
+    target = min(max(round(fraction * total), 2), total - 1)
+    floors: dict[Split, int] = {s: math.floor(fraction * n) for s, n in counts.items()}
+    low: dict[Split, int] = {"train": 1, "val": 0, "test": 1}
+    high: dict[Split, int] = {"train": counts["train"] - 1, "val": counts["val"], "test": counts["test"]}
+    result = {s: min(max(floors[s], low[s]), high[s]) for s in counts}
+    # Ties favour test, then val: the demo explains a held-out lesioned volume.
+    ties: tuple[Split, ...] = ("test", "val", "train")
+    by_remainder = sorted(ties, key=lambda s: -(fraction * counts[s] - floors[s]))
+    while sum(result.values()) < target:
+        split = next(s for s in by_remainder if result[s] < high[s])
+        result[split] += 1
+        by_remainder.remove(split)
+        by_remainder.append(split)
+    return result
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    image = nib.Nifti1Image(array, affine)
+    # Subjects are small variations of the template, so its space stays "aligned" (code 2).
+    image.set_sform(affine, code=2)
+    image.set_qform(affine, code=2)
+    image.header.set_xyzt_units(xyz="mm")
+    nib.save(image, path)
+    return path
+
+
+def build_demo_dataset(
+    out_dir: Path,
+    *,
+    n_subjects: int = 24,
+    lesioned_fraction: float = 0.5,
+    voxel_size_mm: float = 2.0,
+    splits: tuple[float, float, float] = (0.75, 0.125, 0.125),
+    seed: int = 0,
+) -> Path:
+    """Build the demo dataset from nilearn's MNI152 template and write its manifest.
+
+    Subjects are split by subject with the given train/val/test fractions (test has at least
+    one lesioned subject, train both kinds), and each subject draws its own random stream from
+    `seed`, so the whole dataset is a function of the arguments. Files written in `out_dir`,
+    per subject: ``sub-XXX_t1.nii.gz`` (float32), ``sub-XXX_lesion.nii.gz`` and
+    ``sub-XXX_brainmask.nii.gz`` (uint8 0/1), all on the same grid and affine (the template's,
+    with `voxel_size_mm` voxels); then ``manifest.csv``. The mask column points at the
+    lesion masks (all zero for healthy subjects); `label` is left empty.
+
+    Args:
+        out_dir: output folder, created if needed; existing files of the same name are replaced.
+        n_subjects: number of subjects, >= 4.
+        lesioned_fraction: fraction of subjects with lesions, in (0, 1).
+        voxel_size_mm: isotropic voxel edge, >= 1 (2 mm gives 99 x 117 x 95 voxels).
+        splits: train, val and test fractions of subjects, non-negative, summing to 1.
+        seed: seed of all randomness.
+
+    Returns:
+        The manifest path, ``out_dir / "manifest.csv"``.
+
+    Raises:
+        ConfigError: if an argument is out of range.
+        InputError: if the nilearn template cannot be found.
+    """
+    if n_subjects < 4:
+        raise ConfigError(f"n_subjects must be >= 4, got {n_subjects}")
+    if not 0.0 < lesioned_fraction < 1.0:
+        raise ConfigError(f"lesioned_fraction must be in (0, 1), got {lesioned_fraction}")
+    if voxel_size_mm < 1.0:
+        raise ConfigError(f"voxel_size_mm must be >= 1 (the template is 1 mm), got {voxel_size_mm}")
+    if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"splits must be 3 non-negative fractions summing to 1, got {splits}")
+    template = load_template(voxel_size_mm)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    split_rng, *subject_seeds = np.random.SeedSequence(seed).spawn(n_subjects + 1)
+    counts = _split_counts(n_subjects, splits)
+    lesioned_counts = _lesioned_counts(counts, lesioned_fraction)
+    order = np.random.default_rng(split_rng).permutation(n_subjects)
+    assignment: dict[int, tuple[Split, bool]] = {}
+    start = 0
+    for split in SPLITS:
+        members = order[start : start + counts[split]]
+        start += counts[split]
+        for rank, index in enumerate(members):
+            assignment[int(index)] = (split, rank < lesioned_counts[split])
+
+    rows = []
+    for index in range(n_subjects):
+        split, lesioned = assignment[index]
+        name = f"sub-{index + 1:03d}"
+        subject = make_subject(template, np.random.default_rng(subject_seeds[index]), lesioned=lesioned)
+        rows.append(
+            ManifestRow(
+                subject=name,
+                split=split,
+                images=(_save(subject.t1, template.affine, out_dir / f"{name}_t1.nii.gz"),),
+                mask=_save(subject.lesion, template.affine, out_dir / f"{name}_lesion.nii.gz"),
+                brainmask=_save(subject.brain, template.affine, out_dir / f"{name}_brainmask.nii.gz"),
+            )
+        )
+    return write_manifest(rows, out_dir / "manifest.csv")
