@@ -53,7 +53,7 @@ class ClassifierConfig(_Strict):
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(32, ge=1)
     norm_num_groups: int = Field(32, ge=1)
-    pooling: Literal["mean", "attention"] = "mean"
+    pooling: Literal["mean", "attention", "lse"] = "mean"
 
     @model_validator(mode="after")
     def _check(self) -> ClassifierConfig:
@@ -106,6 +106,7 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(0.995, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     classifier_flip: bool = True
+    classifier_max_timestep: int | None = Field(None, ge=0)  # None: t ~ U{0..T-1} as in the paper
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
     seed: int = 0

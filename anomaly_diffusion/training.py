@@ -197,6 +197,8 @@ def train_classifier(
     classifier = build_classifier(cfg.classifier, cfg.data.image_channels).to(device)
     optimiser = torch.optim.AdamW(classifier.parameters(), lr=tc.classifier_lr, weight_decay=tc.weight_decay)
     scaler = _scaler(device, tc.amp)
+    max_t = schedule.num_timesteps - 1 if tc.classifier_max_timestep is None else tc.classifier_max_timestep
+    t_high = min(schedule.num_timesteps - 1, max_t) + 1
     half = max(tc.batch_size // 2, 1)
     labels = torch.cat([torch.full((half,), HEALTHY), torch.full((tc.batch_size - half,), PATHOLOGICAL)]).to(device)
     running_loss: list[float] = []
@@ -210,7 +212,7 @@ def train_classifier(
         if tc.classifier_flip:
             flip = torch.rand(x_0.shape[0], generator=generator).to(device) < 0.5
             x_0 = torch.where(flip.reshape(-1, *([1] * (x_0.dim() - 1))), x_0.flip(-1), x_0)
-        t = torch.randint(0, schedule.num_timesteps, (x_0.shape[0],), generator=generator).to(device)
+        t = torch.randint(0, t_high, (x_0.shape[0],), generator=generator).to(device)
         x_t = q_sample(schedule, x_0, t, torch.randn(x_0.shape, generator=generator).to(device))
         with autocast(device, tc.amp):
             logits = classifier(x_t, t).float()

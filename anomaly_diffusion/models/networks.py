@@ -8,13 +8,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 from torch import nn
 
 from anomaly_diffusion.config import ClassifierConfig, UNetConfig
-from anomaly_diffusion.labels import LABEL_NAMES
+from anomaly_diffusion.labels import LABEL_NAMES, PATHOLOGICAL
 
 
 def build_unet(cfg: UNetConfig, image_channels: int, spatial_dims: int = 2) -> DiffusionModelUNet:
@@ -36,7 +38,12 @@ class NoiseAwareClassifier(nn.Module):
 
     The MONAI encoder flattens its last feature map (B, C_L, *s) to (B, C_L * prod(s)) before its
     head; with the head set to identity the features are viewed back as (B, C_L, prod(s)) and
-    pooled over positions (mean, or learned attention weights), then a Linear gives the logits.
+    pooled over positions:
+    - "mean" / "attention": average (or learned attention weights), then a Linear gives the logits;
+    - "lse" (multiple-instance learning): every position p gets an abnormality logit a_p, and the
+      slice's pathological logit is the smooth maximum log(mean_p exp(a_p)) against a healthy
+      logit of 0: a slice is pathological if some region is, so the evidence (and the guidance
+      gradient) stays where the lesion is, while the labels stay slice-level.
     """
 
     def __init__(self, cfg: ClassifierConfig, image_channels: int, spatial_dims: int = 2) -> None:
@@ -57,17 +64,31 @@ class NoiseAwareClassifier(nn.Module):
         self.width = width
         self.pooling = cfg.pooling
         self.attention = nn.Linear(width, 1) if cfg.pooling == "attention" else None
-        self.head = nn.Sequential(nn.GroupNorm(1, width), nn.SiLU(), nn.Linear(width, len(LABEL_NAMES)))
+        if cfg.pooling == "lse":
+            self.head = nn.Sequential(nn.GroupNorm(1, width), nn.SiLU(), nn.Conv1d(width, 1, kernel_size=1))
+        else:
+            self.head = nn.Sequential(nn.GroupNorm(1, width), nn.SiLU(), nn.Linear(width, len(LABEL_NAMES)))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2) for x_t (B, C, *spatial) at timesteps t (B,)."""
         features = self.trunk(x_t, t).reshape(x_t.shape[0], self.width, -1)  # (B, C_L, positions)
+        if self.pooling == "lse":
+            return self._mil_logits(self.head(features)[:, 0])
         if self.attention is None:
             pooled = features.mean(dim=2)
         else:
             weights = torch.softmax(self.attention(features.transpose(1, 2)), dim=1)  # (B, positions, 1)
             pooled = (features * weights.transpose(1, 2)).sum(dim=2)
         logits: torch.Tensor = self.head(pooled)
+        return logits
+
+    @staticmethod
+    def _mil_logits(abnormality: torch.Tensor) -> torch.Tensor:
+        """Per-position abnormality logits (B, P) -> slice logits (B, 2) = (0, log mean_p exp(a_p))."""
+        positions = abnormality.shape[1]
+        pathological = torch.logsumexp(abnormality, dim=1) - math.log(positions)
+        logits = torch.zeros(abnormality.shape[0], len(LABEL_NAMES), dtype=abnormality.dtype, device=abnormality.device)
+        logits[:, PATHOLOGICAL] = pathological
         return logits
 
 

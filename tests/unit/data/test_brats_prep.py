@@ -1,0 +1,73 @@
+"""data_prep/brats.py on synthetic BraTS 2015 and 2020 folders made in tmp_path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from anomaly_diffusion.config import DataConfig
+from anomaly_diffusion.data.datasets import load_slices
+from anomaly_diffusion.data.manifest import read_manifest
+from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
+
+SCRIPT = Path(__file__).parents[3] / "data_prep" / "brats.py"
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+
+
+def _subject(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    image = np.zeros((16, 16, 8), np.float32)
+    image[2:14, 2:14, 1:7] = rng.random((12, 12, 6)) + 1
+    seg = np.zeros((16, 16, 8), np.uint8)
+    seg[6:9, 6:9, 3:5] = 2  # tumour in slices 3 and 4 only
+    return image, seg
+
+
+def _run(root: Path, out: Path, channels: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(root), "--out", str(out), "--channels", channels],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_brats2015_layout_keeps_folder_splits_and_labels_slices(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split, name in [("train", "pat1"), ("train", "pat2"), ("validation", "pat3")]:
+        image, seg = _subject(rng)
+        folder = tmp_path / "raw" / split / name
+        _write(folder / "Flair_subtrMeanDivStd.nii.gz", image)
+        _write(folder / "T1c_subtrMeanDivStd.nii.gz", image * 2)
+        _write(folder / "OTMultiClass.nii.gz", seg)
+        _write(folder / "brainmask.nii.gz", (image > 0).astype(np.uint8))
+    out = tmp_path / "m" / "manifest.csv"
+    assert "3 subjects (train=2, val=1, test=0)" in _run(tmp_path / "raw", out, "flair,t1c")
+    rows = read_manifest(out)
+    assert {r.subject: r.split for r in rows} == {"pat1": "train", "pat2": "train", "pat3": "val"}
+    assert [p.name for p in rows[0].images] == ["Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"]
+    data = load_slices(rows[:1], DataConfig(image_channels=2, image_size=16, min_foreground_fraction=0.0))
+    assert data.images.shape == (8, 2, 16, 16)
+    assert data.labels.tolist() == [HEALTHY] * 3 + [PATHOLOGICAL] * 2 + [HEALTHY] * 3
+
+
+def test_brats2020_layout_is_split_by_subject(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        sid = f"BraTS20_Training_{i:03d}"
+        image, seg = _subject(rng)
+        for suffix in ("t1", "t1ce", "t2", "flair"):
+            _write(tmp_path / "raw" / sid / f"{sid}_{suffix}.nii.gz", image)
+        _write(tmp_path / "raw" / sid / f"{sid}_seg.nii.gz", seg)
+    out = tmp_path / "manifest.csv"
+    _run(tmp_path / "raw", out, "t1c")
+    rows = read_manifest(out)
+    assert len(rows) == 10 and all(r.images[0].name.endswith("_t1ce.nii.gz") for r in rows)
+    splits = [r.split for r in rows]
+    assert splits.count("val") >= 1 and splits.count("test") >= 1 and splits.count("train") >= 6
