@@ -21,7 +21,7 @@ from anomaly_diffusion.config import Config, config_from_dict, load_config
 from anomaly_diffusion.data.datasets import SliceDataset, load_slices
 from anomaly_diffusion.data.io import check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.manifest import read_manifest
-from anomaly_diffusion.data.transforms import foreground_mask, mask_to_slices, normalise, to_input_grid
+from anomaly_diffusion.data.transforms import mask_to_slices, normalise, to_input_grid
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
 from anomaly_diffusion.explain import ScanExplanation, check_explain_options, explain_scan
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
@@ -198,7 +198,7 @@ def run_explain(
     pixel = baseline = None
     if truth is not None:
         # both detectors are scored on the same voxels: foreground inside the explained slices
-        region = explained_region(explanation) & (brain if brain is not None else foreground_mask(scan.data))
+        region = explained_region(explanation) & explanation.foreground
         intensity = normalise(scan.data, explanation.state, cfg.data)[0]
         pixel = pixel_metrics(explanation.anomaly_map, truth, region)
         baseline = pixel_metrics(intensity, truth, region)

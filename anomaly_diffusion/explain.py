@@ -11,7 +11,7 @@ in normalised units and mapped back onto the input's voxel grid.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from anomaly_diffusion.data.transforms import (
     PreprocessState,
     denormalise_delta,
     fit_preprocess,
+    foreground_mask,
+    mask_to_slices,
     to_input_grid,
     to_slices,
 )
@@ -62,16 +64,20 @@ class ScanExplanation:
     """Explanation of a whole scan, on the input's grid and at model resolution.
 
     Attributes:
-        anomaly_map: (X, Y, Z) on the input grid, 0 outside the explained slices.
+        anomaly_map: (X, Y, Z) on the input grid, 0 outside the foreground and the explained slices.
         healthy: (C, X, Y, Z) healthy counterfactual in the input's intensity units.
-        slices: the model-resolution explanation of the kept slices.
+        slices: the model-resolution explanation of the kept slices (its map also masked).
         state: how the scan was preprocessed (kept slice indices, crop, intensities).
+        foreground: (X, Y, Z) bool, the brain/foreground mask the scores are restricted to.
+        slice_foreground: (N, S, S) bool, the same at model resolution.
     """
 
     anomaly_map: np.ndarray
     healthy: np.ndarray
     slices: SliceExplanation
     state: PreprocessState
+    foreground: np.ndarray
+    slice_foreground: torch.Tensor
 
 
 def check_explain_options(bundle: ModelBundle, noise_level: int, scale: float, steps: int | None) -> None:
@@ -139,7 +145,11 @@ def explain_scan(
     amp: bool = True,
     progress: SliceProgress | None = None,
 ) -> ScanExplanation:
-    """Preprocess a scan as in training, explain its foreground slices, map results to its grid."""
+    """Preprocess a scan as in training, explain its foreground slices, map results to its grid.
+
+    The anomaly map is restricted to the foreground (the brain mask when given, else the
+    intensity threshold used by preprocessing): differences in the background mean nothing.
+    """
     cfg = bundle.config.data
     if scan.data.shape[0] != cfg.image_channels:
         raise InputError(
@@ -149,11 +159,16 @@ def explain_scan(
     state = fit_preprocess(scan.data, scan.affine, cfg, brainmask=brainmask, source=str(scan.sources[0]))
     x = to_slices(scan.data, state, cfg)
     result = explain_slices(bundle, x, noise_level, scale, steps, batch_size, amp, progress)
+    foreground = brainmask.astype(bool) if brainmask is not None else foreground_mask(scan.data)
+    slice_foreground = mask_to_slices(foreground, state)
+    result = replace(result, anomaly_map=result.anomaly_map * slice_foreground)
     anomaly_map = to_input_grid(result.anomaly_map[:, None], state, fill=0.0)[0]
     delta = denormalise_delta(to_input_grid(result.x_healthy - result.x, state, fill=0.0), state)
     return ScanExplanation(
-        anomaly_map=np.maximum(anomaly_map, 0.0),
+        anomaly_map=np.where(foreground, np.maximum(anomaly_map, 0.0), 0.0).astype(np.float32),
         healthy=(scan.data + delta).astype(np.float32),
         slices=result,
         state=state,
+        foreground=foreground,
+        slice_foreground=slice_foreground,
     )

@@ -86,6 +86,7 @@ def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
         assert np.isfinite(image.get_fdata()).all()
     anomaly = nib.load(str(out / "s5_t1_anomaly_map.nii.gz")).get_fdata()
     assert anomaly.min() >= 0 and anomaly.max() > 0
+    assert not anomaly[source.get_fdata() == 0].any()  # scores live in the foreground only
     assert (out / "s5_t1_montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "AUPRC" in result.output and "p(healthy)" in result.output
 
