@@ -201,3 +201,30 @@ def test_a_crashing_run_is_marked_failed_and_keeps_its_checkpoint(
     (run,) = client.search_runs([client.get_experiment_by_name("anomaly_diffusion").experiment_id])
     assert run.info.run_name == "doomed" and run.info.status == "FAILED"
     assert (tmp_path / "r" / "checkpoint.pt").is_file() and not (tmp_path / "r" / "bundle.pt").exists()
+
+
+def test_explain_a_dicom_series_folder_writes_nifti_in_its_geometry(
+    tmp_path: Path, tracking_uri: str, bundle: Path
+) -> None:
+    from dicom_series import PATIENT_ID, PATIENT_NAME, _write_series
+
+    from anomaly_diffusion.data.dicom import read_dicom_series
+
+    rng = np.random.default_rng(3)
+    stored = np.zeros((24, 20, 8), np.int16)
+    stored[3:21, 3:17, 1:7] = rng.integers(500, 900, (18, 14, 6))
+    folder = tmp_path / "series"
+    _write_series(folder, stored)
+    out = tmp_path / "explain"
+    result = runner.invoke(
+        app, ["explain", str(folder), "--checkpoint", str(bundle), "--out", str(out), "--tracking-uri", tracking_uri]
+    )
+    assert result.exit_code == 0, result.output
+    reference = read_dicom_series(folder)
+    for name in ("series_anomaly_map.nii.gz", "series_healthy.nii.gz"):
+        image = nib.load(str(out / name))
+        assert image.shape == reference.data.shape
+        assert np.allclose(image.affine, reference.affine, atol=1e-4)
+        header_bytes = image.header.binaryblock
+        assert PATIENT_NAME.encode() not in header_bytes and PATIENT_ID.encode() not in header_bytes
+    assert PATIENT_NAME not in result.output and PATIENT_ID not in result.output

@@ -4,112 +4,35 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from dicom_series import (
+    INTERCEPT,
+    PATIENT_ID,
+    PATIENT_NAME,
+    PIXEL_SPACING,
+    SHAPE,
+    SLICE_GAP,
+    SLOPE,
+    _ds,
+    _file,
+    _oblique_orientation,
+    _positions,
+    _stored_volume,
+    _write_series,
+    _write_slice,
+)
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import EnhancedMRImageStorage, MRImageStorage, generate_uid
 
 from anomaly_diffusion.data.dicom import DicomVolume, read_dicom_series
 from anomaly_diffusion.errors import InputError
-
-SHAPE = (5, 4, 6)  # (X = columns, Y = rows, Z = slices): all different, so a transpose shows
-PIXEL_SPACING = ("0.9", "1.3")  # (row spacing along j, column spacing along i)
-SLICE_GAP = 2.5
-SLOPE, INTERCEPT = 2.0, -10.0
-PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-778899"
-
-
-def _ds(values: Iterable[float], fmt: str) -> list[str]:
-    """DS strings; the parsed floats, not the unrounded ones, are the truth the tests compare to."""
-    return [format(float(v), fmt) for v in values]
-
-
-def _oblique_orientation() -> tuple[np.ndarray, np.ndarray]:
-    """Direction cosines along i and along j of a rotation about all three axes, as stored."""
-    a, b, c = 0.3, -0.2, 0.5
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    rotation = rz @ ry @ rx
-    iop = np.array([float(v) for v in _ds([*rotation[:, 0], *rotation[:, 1]], ".8f")])
-    return iop[:3], iop[3:]
-
-
-def _file(sop_class: UID, series_uid: str, rows: int, cols: int) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "MR"
-    ds.PatientName = PATIENT_NAME
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = "19700101"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    return ds
-
-
-def _write_slice(
-    path: Path, stored: np.ndarray, position: Sequence[str], series_uid: str, instance: int, pixels: bool = True
-) -> None:
-    """One MR Image Storage file; `stored` is (X, Y) int16, written as pixel_array = stored.T."""
-    ds = _file(MRImageStorage, series_uid, rows=stored.shape[1], cols=stored.shape[0])
-    along_i, along_j = _oblique_orientation()
-    ds.ImageOrientationPatient = _ds([*along_i, *along_j], ".8f")
-    ds.ImagePositionPatient = list(position)
-    ds.PixelSpacing = list(PIXEL_SPACING)
-    ds.SliceThickness = str(SLICE_GAP)
-    ds.InstanceNumber = instance
-    ds.RescaleSlope, ds.RescaleIntercept = str(SLOPE), str(INTERCEPT)
-    if pixels:
-        ds.PixelData = np.ascontiguousarray(stored.T.astype("<i2")).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-def _positions(n: int, gap: float) -> list[list[str]]:
-    """ImagePositionPatient strings of `n` slices, `gap` mm apart along the slice normal."""
-    along_i, along_j = _oblique_orientation()
-    normal = np.cross(along_i, along_j)
-    origin = np.array([-40.25, 12.5, 63.0])
-    return [_ds(origin + k * gap * normal, ".6f") for k in range(n)]
-
-
-def _stored_volume(shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
-    return np.random.default_rng(0).integers(-300, 3000, size=shape).astype(np.int16)
-
-
-def _write_series(
-    folder: Path,
-    stored: np.ndarray,
-    gap: float = SLICE_GAP,
-    series_uid: str | None = None,
-    skip: Sequence[int] = (),
-    seed: int = 1,
-) -> list[list[str]]:
-    """Write slices of `stored` (X, Y, Z) under shuffled names, in shuffled order, with shuffled
-    InstanceNumbers; return every slice's ImagePositionPatient (skipped ones included)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = series_uid or generate_uid()
-    positions = _positions(stored.shape[2], gap)
-    rng = np.random.default_rng(seed)
-    names, instances = rng.permutation(stored.shape[2]), rng.permutation(stored.shape[2]) + 1
-    for k in rng.permutation(stored.shape[2]):
-        if k not in skip:
-            _write_slice(folder / f"IM{names[k]:04d}", stored[:, :, k], positions[k], uid, int(instances[k]))
-    return positions
 
 
 def _world_ras(position: Sequence[str], i: float, j: float) -> np.ndarray:
