@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from anomaly_diffusion.config import Config, config_from_dict, load_config
-from anomaly_diffusion.data.datasets import SliceDataset, load_slices
+from anomaly_diffusion.data.datasets import SliceDataset, VolumeInfo, load_slices
 from anomaly_diffusion.data.io import check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.transforms import mask_to_slices, normalise, to_input_grid
@@ -256,6 +256,28 @@ def _run_description(params: dict[str, object], metrics: dict[str, float]) -> st
             f"(raw intensity baseline: AUPRC {metrics['intensity_baseline_auprc']:.3f})"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What `adiff inspect` prints: per-split counts and per-volume facts."""
+
+    splits: dict[str, dict[str, int]]
+    volumes: tuple[VolumeInfo, ...]
+
+
+def inspect_dataset(manifest: Path, cfg: Config, progress: Callable[[int, int], None] | None = None) -> DatasetReport:
+    """Load every volume of a manifest as training would; refuse inconsistent data with one line."""
+    rows = read_manifest(manifest)
+    splits: dict[str, dict[str, int]] = {}
+    volumes: list[VolumeInfo] = []
+    for split in ("train", "val", "test"):
+        split_rows = [r for r in rows if r.split == split]
+        if split_rows:
+            data = load_slices(split_rows, cfg.data, progress)
+            splits[split] = data.summary()
+            volumes.extend(data.volumes)
+    return DatasetReport(splits, tuple(volumes))
 
 
 def demo_config(manifest: Path, output_dir: Path, overrides: list[str] | None = None) -> Config:

@@ -272,6 +272,30 @@ def _has_lesion(path: Path | None) -> bool:
 
 @app.command()
 @_one_line_errors
+def inspect(
+    manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV.")],
+    config: Annotated[str | None, typer.Option("--config", "-c", help="Config whose data section applies.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override.")] = None,
+) -> None:
+    """Summarise a dataset (subjects, slices per label, shapes, spacings, intensities); fail on bad data."""
+    from anomaly_diffusion.app import inspect_dataset, resolve_config_path
+    from anomaly_diffusion.config import load_config
+
+    cfg = load_config(resolve_config_path(config), overrides or [])
+    report = inspect_dataset(manifest, cfg)
+    for split, counts in report.splits.items():
+        out.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
+    for v in report.volumes:
+        ranges = " ".join(f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(v.intensity_min, v.intensity_max, strict=True))
+        out.print(
+            f"  {v.subject} ({v.split}): shape {v.shape}, spacing {v.spacing} mm, intensity {ranges}, "
+            f"{v.slices} slices used, {v.slices_pathological} pathological, {v.lesion_voxels} lesion voxels",
+            highlight=False,
+        )
+
+
+@app.command()
+@_one_line_errors
 def ui(
     port: Annotated[int, typer.Option("--port", help="First port to try.")] = 5000,
     tracking_uri: TrackingUri = None,
@@ -298,6 +322,13 @@ def ui(
 def version() -> None:
     """Print the package version."""
     out.print(__version__)
+
+
+def run_tool(function: Callable[..., None]) -> None:
+    """Run a data_prep script's typer function with the CLI's one-line error handling."""
+    tool = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    tool.command()(_one_line_errors(function))
+    tool()
 
 
 def main() -> None:

@@ -12,13 +12,14 @@ Subjects without a split from their folder are split by subject with --val/--tes
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from anomaly_diffusion.data.manifest import ManifestRow, Split, write_manifest
+from anomaly_diffusion.cli import run_tool
+from anomaly_diffusion.data.manifest import ManifestRow, Split, assign_splits, write_manifest
+from anomaly_diffusion.errors import InputError
 
 BRATS2015 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
 BRATS2020 = {"flair": "flair", "t1c": "t1ce", "t1": "t1", "t2": "t2"}
@@ -44,7 +45,7 @@ def find_subjects(
         if (folder / "OTMultiClass.nii.gz").is_file():
             missing = [c for c in channels if c not in BRATS2015]
             if missing:
-                raise typer.BadParameter(f"BraTS 2015 has channels {sorted(BRATS2015)}, not {missing}")
+                raise InputError(f"BraTS 2015 has channels {sorted(BRATS2015)}, not {missing}")
             images = tuple(folder / BRATS2015[c] for c in channels)
             brain = folder / "brainmask.nii.gz"
             found.append(
@@ -53,13 +54,13 @@ def find_subjects(
         elif (folder / f"{folder.name}_seg.nii.gz").is_file():
             missing = [c for c in channels if c not in BRATS2020]
             if missing:
-                raise typer.BadParameter(f"BraTS 2020/2021 has channels {sorted(BRATS2020)}, not {missing}")
+                raise InputError(f"BraTS 2020/2021 has channels {sorted(BRATS2020)}, not {missing}")
             images = tuple(folder / f"{folder.name}_{BRATS2020[c]}.nii.gz" for c in channels)
             found.append((folder.name, images, folder / f"{folder.name}_seg.nii.gz", None, split))
     for subject, images, *_ in found:
         for image in images:
             if not image.is_file():
-                raise typer.BadParameter(f"{subject}: missing channel file {image}")
+                raise InputError(f"{subject}: missing channel file {image}")
     return found
 
 
@@ -74,12 +75,8 @@ def main(
     """Write a manifest for a BraTS folder."""
     subjects = find_subjects(root, [c.strip().lower() for c in channels.split(",") if c.strip()])
     if not subjects:
-        raise typer.BadParameter(f"{root}: no BraTS subject folders found")
-    unsplit = [s[0] for s in subjects if s[4] is None]
-    random.Random(seed).shuffle(unsplit)
-    n_val, n_test = round(len(unsplit) * val), round(len(unsplit) * test)
-    assigned: dict[str, Split] = {s: "val" for s in unsplit[:n_val]}
-    assigned |= {s: "test" for s in unsplit[n_val : n_val + n_test]}
+        raise InputError(f"{root}: no BraTS subject folders found")
+    assigned = assign_splits([s[0] for s in subjects if s[4] is None], val, test, seed)
     rows = [
         ManifestRow(subject=name, split=split or assigned.get(name, "train"), images=images, mask=mask, brainmask=brain)
         for name, images, mask, brain, split in subjects
@@ -90,4 +87,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_tool(main)

@@ -17,6 +17,21 @@ from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL, check_labels
 
 
 @dataclass(frozen=True)
+class VolumeInfo:
+    """Facts about one loaded volume, for dataset summaries."""
+
+    subject: str
+    split: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    intensity_min: tuple[float, ...]
+    intensity_max: tuple[float, ...]
+    slices: int
+    slices_pathological: int
+    lesion_voxels: int
+
+
+@dataclass(frozen=True)
 class SliceDataset:
     """Preprocessed slices of several volumes.
 
@@ -25,12 +40,14 @@ class SliceDataset:
         labels: (N,) int64, HEALTHY or PATHOLOGICAL.
         lesion_masks: (N, S, S) bool at model resolution (all False without a mask).
         subjects: (N,) subject id of each slice.
+        volumes: facts about each loaded volume.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     lesion_masks: torch.Tensor
     subjects: np.ndarray
+    volumes: tuple[VolumeInfo, ...] = ()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -65,14 +82,16 @@ def load_slices(
         InputError: unreadable files, wrong channel count, masks off the image grid, a row with
             neither mask nor label, or no slices at all.
     """
-    images, labels, masks, subjects = [], [], [], []
+    images, labels, masks, subjects, volumes = [], [], [], [], []
     for i, row in enumerate(rows):
         scan = load_scan(row.images, expected_channels=cfg.image_channels)
         brain = read_mask(row.brainmask, scan) if row.brainmask else None
         state = fit_preprocess(scan.data, scan.affine, cfg, brainmask=brain, source=str(row.images[0]))
         slices = to_slices(scan.data, state, cfg)
+        lesion_voxels = 0
         if row.mask is not None:
             lesion = read_mask(row.mask, scan)
+            lesion_voxels = int(lesion.sum())
             row_labels = slice_labels(slice_lesion_pixels(lesion, state), cfg)
             row_masks = mask_to_slices(lesion, state)
         elif row.label is not None:
@@ -84,6 +103,19 @@ def load_slices(
         labels.append(check_labels(row_labels, row.subject))
         masks.append(row_masks)
         subjects.extend([row.subject] * len(slices))
+        volumes.append(
+            VolumeInfo(
+                subject=row.subject,
+                split=row.split,
+                shape=tuple(int(n) for n in scan.data.shape[1:]),
+                spacing=tuple(round(float(z), 3) for z in np.linalg.norm(scan.affine[:3, :3], axis=0)),
+                intensity_min=tuple(float(c.min()) for c in scan.data),
+                intensity_max=tuple(float(c.max()) for c in scan.data),
+                slices=len(slices),
+                slices_pathological=int((row_labels == PATHOLOGICAL).sum()),
+                lesion_voxels=lesion_voxels,
+            )
+        )
         if progress is not None:
             progress(i + 1, len(rows))
     if not images:
@@ -93,4 +125,5 @@ def load_slices(
         labels=torch.from_numpy(np.concatenate(labels)),
         lesion_masks=torch.cat(masks),
         subjects=np.array(subjects),
+        volumes=tuple(volumes),
     )

@@ -89,7 +89,28 @@ def read_dicom_series(folder: Path) -> DicomVolume:
     """
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of DICOM files")
-    series = _group_by_series(_read_datasets(folder))
+    return _volume(folder, _read_datasets(folder))
+
+
+def read_dicom_file(path: Path) -> DicomVolume:
+    """Read one DICOM file (a 2D image, e.g. an X-ray, or a multi-frame volume).
+
+    Raises:
+        InputError: not a DICOM file, no pixel data, or pixel data that cannot be decoded.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=False, force=False)
+    except InvalidDicomError as exc:
+        raise InputError(f"{path}: not a DICOM file") from exc
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: cannot read DICOM file ({type(exc).__name__})") from exc
+    return _volume(path, [(path, ds)])
+
+
+def _volume(source: Path, datasets: list[tuple[Path, Dataset]]) -> DicomVolume:
+    """The one series among `datasets` as a volume; errors name `source` (a folder or a file)."""
+    folder = source
+    series = _group_by_series(datasets)
     if not series:
         raise InputError(f"{folder}: no DICOM files found")
     if len(series) > 1:

@@ -62,8 +62,34 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | 
     return array, np.asarray(image.affine, dtype=np.float64), header
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _read_2d(path: Path) -> np.ndarray:
+    """A 2D image file (PNG/JPEG/TIFF/BMP, colour averaged to grey) or a .npy array, as (X, Y) float32.
+
+    Image files are indexed [row, column]; the array is transposed so that X runs along columns,
+    as for DICOM, and outputs are written with an identity affine.
+    """
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            from skimage import io as skio
+
+            array = skio.imread(path)
+            if array.ndim == 3:
+                array = array[..., :3].mean(axis=-1)
+            array = array.T
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__})") from exc
+    if not np.issubdtype(np.asarray(array).dtype, np.number):
+        raise InputError(f"{path}: not a numeric image")
+    return np.asarray(array, dtype=np.float32)
+
+
 def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None, tuple[int, ...]]:
-    """Read one NIfTI file or DICOM series folder as a 3D array (X, Y, Z) float32.
+    """Read a NIfTI file, a DICOM series folder, one DICOM file or a 2D image/.npy as (X, Y, Z) float32.
 
     Returns:
         (array (X, Y, Z), affine (4, 4), NIfTI header or None, the input's own spatial shape).
@@ -77,6 +103,13 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | 
         from anomaly_diffusion.data.dicom import read_dicom_series
 
         volume = read_dicom_series(path)
+        array, affine, header = volume.data.astype(np.float32), volume.affine, None
+    elif path.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"):
+        array, affine, header = _read_2d(path), np.eye(4), None
+    elif path.suffix.lower() == ".dcm":
+        from anomaly_diffusion.data.dicom import read_dicom_file
+
+        volume = read_dicom_file(path)
         array, affine, header = volume.data.astype(np.float32), volume.affine, None
     else:
         array, affine, header = _read_nifti(path)

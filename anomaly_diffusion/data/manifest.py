@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +134,24 @@ def write_manifest(rows: Iterable[ManifestRow], path: Path) -> Path:
             )
     tmp.replace(path)
     return path
+
+
+def assign_splits(subjects: Sequence[str], val: float, test: float, seed: int = 0) -> dict[str, Split]:
+    """Split subjects (never slices) into train/val/test with seeded shuffling.
+
+    With at least 3 subjects and non-zero fractions, val and test get at least one subject each.
+
+    Raises:
+        InputError: fractions outside [0, 1) or summing to 1 or more.
+    """
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise InputError(f"split fractions must be in [0, 1) and sum below 1, got val={val}, test={test}")
+    order = sorted(set(subjects))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_val = max(round(n * val), 1 if val > 0 and n >= 3 else 0)
+    n_test = max(round(n * test), 1 if test > 0 and n >= 3 else 0)
+    splits: dict[str, Split] = {s: "val" for s in order[:n_val]}
+    splits |= {s: "test" for s in order[n_val : n_val + n_test]}
+    splits |= {s: "train" for s in order[n_val + n_test :]}
+    return splits
