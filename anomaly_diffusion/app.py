@@ -123,8 +123,8 @@ class ExplainOutcome:
 
 
 def output_stem(path: Path) -> str:
-    """'scan.nii.gz' -> 'scan'; a DICOM folder -> its name."""
-    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+    """'scan.nii.gz' -> 'scan', 'xray.png' -> 'xray'; a DICOM folder -> its name."""
+    return re.sub(r"\.(nii|nii\.gz|png|jpe?g|tiff?|bmp|npy|dcm)$", "", path.name, flags=re.IGNORECASE)
 
 
 def find_latest_bundle(root: Path) -> Path:

@@ -228,3 +228,40 @@ def test_explain_a_dicom_series_folder_writes_nifti_in_its_geometry(
         header_bytes = image.header.binaryblock
         assert PATIENT_NAME.encode() not in header_bytes and PATIENT_ID.encode() not in header_bytes
     assert PATIENT_NAME not in result.output and PATIENT_ID not in result.output
+
+
+def test_inspect_summarises_and_refuses_inconsistent_data(tiny_dataset: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(tiny_dataset), "--config", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "train: subjects=4" in result.output and "val: subjects=1" in result.output
+    assert "s0 (train): shape (24, 20, 10), spacing (1.5, 1.5, 2.0) mm" in result.output
+    bad_mask = tiny_dataset.parent / "s0_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 9), np.uint8), np.eye(4)), str(bad_mask))
+    line = _one_line_error(runner.invoke(app, ["inspect", str(tiny_dataset), "--config", "tiny"]))
+    assert "mask shape (24, 20, 9) differs from image shape (24, 20, 10)" in line
+
+
+def test_explain_a_2d_png(tmp_path: Path, tracking_uri: str, bundle: Path) -> None:
+    from skimage import io as skio
+
+    image = np.zeros((30, 26), np.uint8)
+    image[5:25, 4:22] = np.random.default_rng(0).integers(80, 200, (20, 18))
+    skio.imsave(tmp_path / "xray.png", image, check_contrast=False)
+    out = tmp_path / "explain"
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(tmp_path / "xray.png"),
+            "--checkpoint",
+            str(bundle),
+            "--out",
+            str(out),
+            "--tracking-uri",
+            tracking_uri,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    anomaly = nib.load(str(out / "xray_anomaly_map.nii.gz"))
+    assert anomaly.shape == (26, 30)  # (X = columns, Y = rows) of the PNG
+    assert np.allclose(anomaly.affine, np.eye(4))
