@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from anomaly_diffusion.cli import run_tool
-from anomaly_diffusion.data.manifest import ManifestRow, Split, assign_splits, write_manifest
+from anomaly_diffusion.data.manifest import ManifestRow, Split, assign_splits, split_counts, write_manifest
 from anomaly_diffusion.errors import InputError
 
 BRATS2015 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
@@ -82,8 +82,7 @@ def main(
         for name, images, mask, brain, split in subjects
     ]
     write_manifest(rows, out)
-    counts = {s: sum(r.split == s for r in rows) for s in ("train", "val", "test")}
-    typer.echo(f"{out}: {len(rows)} subjects ({', '.join(f'{k}={v}' for k, v in counts.items())}), channels {channels}")
+    typer.echo(f"{out}: {len(rows)} subjects ({split_counts(rows)}), channels {channels}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from anomaly_diffusion.cli import run_tool
-from anomaly_diffusion.data.manifest import ManifestRow, assign_splits, write_manifest
+from anomaly_diffusion.data.manifest import ManifestRow, assign_splits, split_counts, write_manifest
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 
@@ -57,10 +57,7 @@ def main(
         for i, (s, p, label) in enumerate(images)
     ]
     write_manifest(rows, out)
-    counts = {k: sum(r.split == k for r in rows) for k in ("train", "val", "test")}
-    typer.echo(
-        f"{out}: {len(rows)} images from {len(splits)} subjects ({', '.join(f'{k}={v}' for k, v in counts.items())})"
-    )
+    typer.echo(f"{out}: {len(rows)} images from {len(splits)} subjects ({split_counts(rows)})")
 
 
 if __name__ == "__main__":

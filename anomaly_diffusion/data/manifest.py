@@ -155,3 +155,9 @@ def assign_splits(subjects: Sequence[str], val: float, test: float, seed: int = 
     splits |= {s: "test" for s in order[n_val : n_val + n_test]}
     splits |= {s: "train" for s in order[n_val + n_test :]}
     return splits
+
+
+def split_counts(rows: Iterable[ManifestRow]) -> str:
+    """'train=12, val=2, test=2' for summaries."""
+    listed = list(rows)
+    return ", ".join(f"{split}={sum(r.split == split for r in listed)}" for split in SPLITS)
