@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +27,10 @@ from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
 from anomaly_diffusion.explain import ScanExplanation, check_explain_options, explain_scan
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
-from anomaly_diffusion.models.bundle import load_bundle
+from anomaly_diffusion.models.bundle import load_bundle, read_bundle_file
 from anomaly_diffusion.plots import explain_montage
-from anomaly_diffusion.tracking import flatten, tracked_run
-from anomaly_diffusion.training import Progress, TrainResult, resolve_device, train
+from anomaly_diffusion.tracking import flatten, make_client, tracked_run
+from anomaly_diffusion.training import BUNDLE_NAME, CHECKPOINT_NAME, Progress, TrainResult, resolve_device, train
 
 PACKAGED_CONFIGS = ("default", "demo", "tiny")
 
@@ -61,17 +62,28 @@ class TrainOutcome:
 
 
 def run_train(
-    cfg: Config,
+    cfg: Config | None,
     tracking_uri: str,
     out_dir: Path | None = None,
     run_name: str | None = None,
     progress: Progress | None = None,
     on_data: Callable[[dict[str, dict[str, int]]], None] | None = None,
+    resume: Path | None = None,
 ) -> TrainOutcome:
-    """Load the manifest's train (and val) split, train both models in one tracked MLflow run."""
+    """Load the manifest's train (and val) split, train both models in one tracked MLflow run.
+
+    With `resume` (a training output folder), the config, the weights, the optimiser and RNG
+    states and the MLflow run come from its `checkpoint.pt`; `cfg`, if given, must be equal.
+    """
+    started = time.perf_counter()
+    state, run_id = None, None
+    if resume is not None:
+        cfg, state, run_id = _resume_point(resume, cfg)
+        out_dir = resume
+    assert cfg is not None
     if cfg.data.manifest is None:
         raise ConfigError("data.manifest is not set; pass --set data.manifest=PATH or set it in the config")
-    started = time.perf_counter()
+    make_client(tracking_uri)  # an unusable tracking store fails before any data is read
     rows = read_manifest(cfg.data.manifest)
     train_rows = [r for r in rows if r.split == "train"]
     val_rows = [r for r in rows if r.split == "val"]
@@ -82,19 +94,42 @@ def run_train(
     data = load_slices(train_rows, cfg.data)
     val = load_slices(val_rows, cfg.data) if val_rows else None
     _preflight(cfg, data)
-    check_writable(out_dir / "bundle.pt", overwrite=False)
+    if resume is None:
+        check_writable(out_dir / BUNDLE_NAME, overwrite=False)
+        check_writable(out_dir / CHECKPOINT_NAME, overwrite=False)
     summary = {"train": data.summary(), **({"val": val.summary()} if val is not None else {})}
     if on_data is not None:
         on_data(summary)
-    with tracked_run(tracking_uri, cfg.tracking.experiment, name, "train") as run:
-        run.log_params(flatten(cfg.model_dump(mode="json")))
-        run.log_params({f"dataset.{split}.{k}": v for split, counts in summary.items() for k, v in counts.items()})
-        run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-        run.log_dict(summary, "dataset_summary.json")
-        result = train(cfg, data, out_dir, val, sink=run.log_metrics, progress=progress, train_run_id=run.run_id)
+    with tracked_run(tracking_uri, cfg.tracking.experiment, name, "train", resume_run_id=run_id) as run:
+        if resume is None:
+            run.log_params(flatten(cfg.model_dump(mode="json")))
+            run.log_params({f"dataset.{split}.{k}": v for split, counts in summary.items() for k, v in counts.items()})
+            run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+            run.log_dict(summary, "dataset_summary.json")
+        result = train(
+            cfg, data, out_dir, val, sink=run.log_metrics, progress=progress, train_run_id=run.run_id, resume=state
+        )
         run.log_metrics(result.classifier_accuracy)
         run.log_artifact(result.bundle_path, "model")
     return TrainOutcome(run.run_id, out_dir, result, summary, time.perf_counter() - started)
+
+
+def _resume_point(folder: Path, cfg: Config | None) -> tuple[Config, dict[str, Any], str | None]:
+    """(config, train_state, MLflow run id) of the checkpoint in a training output folder."""
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        if (folder / BUNDLE_NAME).is_file():
+            raise InputError(f"{folder}: training already finished ({BUNDLE_NAME} exists); nothing to resume")
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    data = read_bundle_file(path)
+    if "train_state" not in data:
+        raise CheckpointError(f"{path}: not a training checkpoint (no train_state)")
+    saved = config_from_dict(data["config"], source=f"{path} (config)")
+    if cfg is not None and cfg != saved:
+        mine, theirs = flatten(cfg.model_dump(mode="json")), flatten(saved.model_dump(mode="json"))
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise ConfigError(f"{path}: checkpoint is from another config (differs in {', '.join(differ[:5])})")
+    return saved, data["train_state"], data.get("train_run_id")
 
 
 def _preflight(cfg: Config, data: SliceDataset) -> None:

@@ -111,21 +111,36 @@ def train(
         Path | None, typer.Option("--out", help="Folder for bundle.pt (default: train.output_dir/RUN).")
     ] = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the interrupted run in this output folder.")
+    ] = None,
+    local_tracking: Annotated[
+        bool, typer.Option("--local-tracking", help="If the tracking server is unreachable, log to local SQLite.")
+    ] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Train the DDPM and the noise-aware classifier on a manifest; save a model bundle."""
     from anomaly_diffusion.app import resolve_config_path, run_train
     from anomaly_diffusion.config import load_config
+    from anomaly_diffusion.errors import TrackingError
+    from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI, make_client
 
-    cfg = load_config(resolve_config_path(config), overrides or [])
-    uri = _uri(tracking_uri, cfg.tracking.uri)
+    given = config is not None or bool(overrides)
+    cfg = load_config(resolve_config_path(config), overrides or []) if given or resume is None else None
+    uri = _uri(tracking_uri, cfg.tracking.uri if cfg else None)
+    if local_tracking:
+        try:
+            make_client(uri)
+        except TrackingError as exc:
+            console.print(f"warning: {exc}; logging to {DEFAULT_TRACKING_URI} instead", highlight=False)
+            uri = DEFAULT_TRACKING_URI
 
     def on_data(summary: dict[str, dict[str, int]]) -> None:
         for split, counts in summary.items():
             console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
 
     with _progress() as progress:
-        outcome = run_train(cfg, uri, out_dir, run_name, _phase_progress(progress), on_data)
+        outcome = run_train(cfg, uri, out_dir, run_name, _phase_progress(progress), on_data, resume)
     result = outcome.result
     out.print(f"bundle: {result.bundle_path}", highlight=False)
     out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from anomaly_diffusion import __version__
 from anomaly_diffusion.errors import TrackingError
@@ -98,9 +99,26 @@ class RunLogger:
         self._client.log_text(self.run_id, text, name)
 
 
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) store, fail fast when nothing listens (MLflow itself retries for minutes)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({exc.strerror or exc.__class__.__name__}); "
+            "start it, fix --tracking-uri, or pass --local-tracking to log to the local SQLite store"
+        ) from exc
+
+
 def make_client(uri: str) -> Any:
     """An MlflowClient for `uri`, checked to answer; TrackingError with one line otherwise."""
     _quiet_mlflow_loggers()
+    _check_reachable(uri)
     from mlflow.tracking import MlflowClient
 
     try:
@@ -134,17 +152,30 @@ def git_commit(path: Path) -> str | None:
 
 @contextmanager
 def tracked_run(
-    uri: str, experiment: str, run_name: str, kind: str, tags: Mapping[str, Any] | None = None
+    uri: str,
+    experiment: str,
+    run_name: str,
+    kind: str,
+    tags: Mapping[str, Any] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
-    """Open an MLflow run; it ends FINISHED, or FAILED/KILLED when the body raises."""
+    """Open an MLflow run (or reopen `resume_run_id`); it ends FINISHED, or FAILED/KILLED if the body raises."""
     client = make_client(uri)
-    experiment_id = _experiment_id(client, uri, experiment)
-    all_tags = {"adiff.kind": kind, "adiff.version": __version__, **(tags or {})}
-    commit = git_commit(Path(__file__).parent)
-    if commit:
-        all_tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
-    logger = RunLogger(client, run.info.run_id, experiment_id)
+    if resume_run_id is not None:
+        try:
+            existing = client.get_run(resume_run_id)
+        except Exception as exc:  # MLflow raises its own exception types for unknown runs
+            raise TrackingError(f"MLflow run {resume_run_id} to resume is not in {uri}") from exc
+        client.update_run(resume_run_id, status="RUNNING")
+        logger = RunLogger(client, resume_run_id, existing.info.experiment_id)
+    else:
+        experiment_id = _experiment_id(client, uri, experiment)
+        all_tags = {"adiff.kind": kind, "adiff.version": __version__, **(tags or {})}
+        commit = git_commit(Path(__file__).parent)
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+        logger = RunLogger(client, run.info.run_id, experiment_id)
     try:
         yield logger
     except KeyboardInterrupt:

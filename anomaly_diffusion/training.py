@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from anomaly_diffusion.data.datasets import SliceDataset
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
 from anomaly_diffusion.errors import AdiffError, InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
-from anomaly_diffusion.models.bundle import save_bundle
+from anomaly_diffusion.models.bundle import atomic_torch_save, bundle_dict, save_bundle
 from anomaly_diffusion.models.networks import NoiseAwareClassifier, build_classifier, build_unet
 
 MetricSink = Callable[[dict[str, float], int], None]
@@ -101,35 +102,92 @@ def _batch(images: torch.Tensor, size: int, generator: torch.Generator, device: 
     return images[index].to(device, non_blocking=True)
 
 
+@dataclass
+class Phase:
+    """The optimisation state of one model: everything a checkpoint needs to resume it exactly."""
+
+    model: nn.Module
+    optimiser: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    ema: AveragedModel | None = None
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors and primitives) for `torch.save`."""
+        return {
+            "model": self.model.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved."""
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+
+
+def ddpm_phase(cfg: Config, device: torch.device) -> Phase:
+    """A fresh DDPM UNet with EMA, AdamW, scaler and its seeded batch generator."""
+    torch.manual_seed(cfg.train.seed)
+    unet = build_unet(cfg.unet, cfg.data.image_channels).to(device)
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=cfg.train.ddpm_lr, weight_decay=cfg.train.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return Phase(unet, optimiser, _scaler(device, cfg.train.amp), generator, ema)
+
+
+def classifier_phase(cfg: Config, device: torch.device) -> Phase:
+    """A fresh noise-aware classifier with AdamW, scaler and its seeded batch generator."""
+    torch.manual_seed(cfg.train.seed + 1)
+    classifier = build_classifier(cfg.classifier, cfg.data.image_channels).to(device)
+    optimiser = torch.optim.AdamW(
+        classifier.parameters(), lr=cfg.train.classifier_lr, weight_decay=cfg.train.weight_decay
+    )
+    generator = torch.Generator().manual_seed(cfg.train.seed + 1)
+    return Phase(classifier, optimiser, _scaler(device, cfg.train.amp), generator)
+
+
+Checkpoint = Callable[[int], None]
+"""Called with the step just finished when a checkpoint is due."""
+
+
 def train_ddpm(
     cfg: Config,
     schedule: NoiseSchedule,
     data: SliceDataset,
     device: torch.device,
+    phase: Phase | None = None,
     sink: MetricSink | None = None,
     progress: Progress | None = None,
-    checkpoint: Callable[[nn.Module, int], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[nn.Module, float]:
-    """Train eps_theta on the configured slices; returns (EMA UNet, last mean loss)."""
+    """Train eps_theta on the configured slices from `phase.step`; returns (EMA UNet, last mean loss)."""
     tc = cfg.train
     pool = data.images if cfg.data.ddpm_train_on == "all" else data.images[data.labels == HEALTHY]
     if tc.ddpm_steps and pool.shape[0] == 0:
         raise InputError(f"no {cfg.data.ddpm_train_on} training slices for the DDPM")
-    generator = torch.Generator().manual_seed(tc.seed)
-    torch.manual_seed(tc.seed)
-    unet = build_unet(cfg.unet, cfg.data.image_channels).to(device)
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=tc.ddpm_lr, weight_decay=tc.weight_decay)
-    scaler = _scaler(device, tc.amp)
+    phase = phase or ddpm_phase(cfg, device)
+    assert phase.ema is not None
+    unet, generator = phase.model, phase.generator
     running: list[float] = []
     last = float("nan")
-    for step in range(1, tc.ddpm_steps + 1):
+    for step in range(phase.step + 1, tc.ddpm_steps + 1):
         unet.train()
         with autocast(device, tc.amp):
             loss = ddpm_loss(unet, schedule, _batch(pool, tc.batch_size, generator, device), generator)
         running.append(_check_finite(loss, "DDPM", step))
-        grad_norm = _optimise(loss, unet, optimiser, scaler, tc.grad_clip)
-        ema.update_parameters(unet)
+        grad_norm = _optimise(loss, unet, phase.optimiser, phase.scaler, tc.grad_clip)
+        phase.ema.update_parameters(unet)
+        phase.step = step
         if step % tc.log_every == 0 or step == tc.ddpm_steps:
             last = sum(running) / len(running)
             metrics = {"ddpm_loss": last, "ddpm_grad_norm": grad_norm}
@@ -141,8 +199,8 @@ def train_ddpm(
         elif progress is not None:
             progress("ddpm", step, tc.ddpm_steps, {})
         if checkpoint is not None and step % tc.checkpoint_every == 0:
-            checkpoint(ema.module, step)
-    return ema.module.eval(), last
+            checkpoint(step)
+    return phase.ema.module.eval(), last
 
 
 def classifier_accuracy_by_quartile(
@@ -181,10 +239,16 @@ def train_classifier(
     data: SliceDataset,
     device: torch.device,
     val: SliceDataset | None = None,
+    phase: Phase | None = None,
     sink: MetricSink | None = None,
     progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[NoiseAwareClassifier, float, dict[str, float]]:
-    """Train p(y | x_t, t) on class-balanced batches; returns (classifier, last loss, accuracy by quartile)."""
+    """Train p(y | x_t, t) on class-balanced batches from `phase.step`.
+
+    Returns:
+        (classifier, last mean loss, accuracy by t-quartile on `val` or the training data).
+    """
     tc = cfg.train
     healthy, pathological = data.images[data.labels == HEALTHY], data.images[data.labels == PATHOLOGICAL]
     if tc.classifier_steps and (healthy.shape[0] == 0 or pathological.shape[0] == 0):
@@ -192,11 +256,9 @@ def train_classifier(
             f"the classifier needs both classes; training data has {healthy.shape[0]} healthy and "
             f"{pathological.shape[0]} pathological slices"
         )
-    generator = torch.Generator().manual_seed(tc.seed + 1)
-    torch.manual_seed(tc.seed + 1)
-    classifier = build_classifier(cfg.classifier, cfg.data.image_channels).to(device)
-    optimiser = torch.optim.AdamW(classifier.parameters(), lr=tc.classifier_lr, weight_decay=tc.weight_decay)
-    scaler = _scaler(device, tc.amp)
+    phase = phase or classifier_phase(cfg, device)
+    classifier, generator = phase.model, phase.generator
+    assert isinstance(classifier, NoiseAwareClassifier)
     max_t = schedule.num_timesteps - 1 if tc.classifier_max_timestep is None else tc.classifier_max_timestep
     t_high = min(schedule.num_timesteps - 1, max_t) + 1
     half = max(tc.batch_size // 2, 1)
@@ -204,7 +266,7 @@ def train_classifier(
     running_loss: list[float] = []
     running_correct: list[float] = []
     last = float("nan")
-    for step in range(1, tc.classifier_steps + 1):
+    for step in range(phase.step + 1, tc.classifier_steps + 1):
         classifier.train()
         x_0 = torch.cat(
             [_batch(healthy, half, generator, device), _batch(pathological, tc.batch_size - half, generator, device)]
@@ -219,7 +281,8 @@ def train_classifier(
             loss = F.cross_entropy(logits, labels)
         running_loss.append(_check_finite(loss, "classifier", step))
         running_correct.append(float((logits.argmax(dim=1) == labels).float().mean()))
-        _optimise(loss, classifier, optimiser, scaler, tc.grad_clip)
+        _optimise(loss, classifier, phase.optimiser, phase.scaler, tc.grad_clip)
+        phase.step = step
         if step % tc.log_every == 0 or step == tc.classifier_steps:
             last = sum(running_loss) / len(running_loss)
             metrics = {"classifier_loss": last, "classifier_train_acc": sum(running_correct) / len(running_correct)}
@@ -231,6 +294,8 @@ def train_classifier(
                 progress("classifier", step, tc.classifier_steps, metrics)
         elif progress is not None:
             progress("classifier", step, tc.classifier_steps, {})
+        if checkpoint is not None and step % tc.checkpoint_every == 0:
+            checkpoint(step)
     classifier.eval()
     accuracy = classifier_accuracy_by_quartile(
         classifier, schedule, val if val is not None and len(val) else data, device, tc.seed
@@ -238,6 +303,10 @@ def train_classifier(
     if sink is not None:
         sink(accuracy, tc.classifier_steps)
     return classifier, last, accuracy
+
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BUNDLE_NAME = "bundle.pt"
 
 
 def train(
@@ -248,30 +317,52 @@ def train(
     sink: MetricSink | None = None,
     progress: Progress | None = None,
     train_run_id: str | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train both models and write `out_dir/bundle.pt` (periodic `checkpoint.pt` on the way)."""
+    """Train both models and write `out_dir/bundle.pt`.
+
+    Every `checkpoint_every` steps of either phase, `out_dir/checkpoint.pt` is written atomically:
+    a valid bundle plus `train_state` (both phases' weights, EMA, optimisers, scalers, batch
+    generators, steps, the global RNG). `resume` takes that `train_state` and continues exactly
+    where it stopped; a kill loses at most one checkpoint interval.
+    """
     device = resolve_device(cfg.train.device)
     schedule = make_schedule(
         cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end
     )
+    ddpm, clf = ddpm_phase(cfg, device), classifier_phase(cfg, device)
+    if resume is not None:
+        ddpm.load_state_dict(resume["ddpm"])
+        clf.load_state_dict(resume["classifier"])
+        torch.set_rng_state(resume["torch_rng"])
 
-    untrained_classifier = build_classifier(cfg.classifier, cfg.data.image_channels)
+    def checkpoint(phase_name: str) -> Checkpoint:
+        def save(step: int) -> None:
+            assert ddpm.ema is not None
+            state = {
+                "phase": phase_name,
+                "ddpm": ddpm.state_dict(),
+                "classifier": clf.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            payload = bundle_dict(
+                config=cfg,
+                schedule=schedule,
+                unet=ddpm.ema.module,
+                classifier=clf.model,
+                train_run_id=train_run_id,
+                extra={"phase": phase_name, "step": step, "complete": False},
+            )
+            atomic_torch_save({**payload, "train_state": state}, out_dir / CHECKPOINT_NAME)
 
-    def checkpoint(unet: nn.Module, step: int) -> None:
-        save_bundle(
-            out_dir / "checkpoint.pt",
-            config=cfg,
-            schedule=schedule,
-            unet=unet,
-            classifier=untrained_classifier,
-            train_run_id=train_run_id,
-            extra={"phase": "ddpm", "step": step, "complete": False},
-        )
+        return save
 
-    unet, ddpm_last = train_ddpm(cfg, schedule, data, device, sink, progress, checkpoint)
-    classifier, classifier_last, accuracy = train_classifier(cfg, schedule, data, device, val, sink, progress)
+    unet, ddpm_last = train_ddpm(cfg, schedule, data, device, ddpm, sink, progress, checkpoint("ddpm"))
+    classifier, classifier_last, accuracy = train_classifier(
+        cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier")
+    )
     bundle_path = save_bundle(
-        out_dir / "bundle.pt",
+        out_dir / BUNDLE_NAME,
         config=cfg,
         schedule=schedule,
         unet=unet,
@@ -279,5 +370,5 @@ def train(
         train_run_id=train_run_id,
         extra={"complete": True, "train_summary": {k: int(v) for k, v in data.summary().items()}},
     )
-    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     return TrainResult(bundle_path, ddpm_last, classifier_last, accuracy)

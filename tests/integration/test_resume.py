@@ -1,0 +1,103 @@
+"""kill -9 during `adiff train`, then `adiff train --resume`: same final state, same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from anomaly_diffusion.models.bundle import read_bundle_file
+
+STEPS = ["--set", "train.ddpm_steps=60", "--set", "train.classifier_steps=30", "--set", "train.checkpoint_every=10"]
+STEPS += ["--set", "train.log_every=5", "--set", "data.min_foreground_fraction=0"]
+
+
+def _train(manifest: Path, out: Path, uri: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "anomaly_diffusion.cli",
+        "train",
+        "--config",
+        "tiny",
+        "--set",
+        f"data.manifest={manifest}",
+        *STEPS,
+        "--out",
+        str(out),
+        "--tracking-uri",
+        uri,
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+def test_resume_after_sigkill_reaches_the_same_weights_in_the_same_run(tmp_path: Path, tiny_dataset: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train(tiny_dataset, out, uri, "--run-name", "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoint = out / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists() and read_bundle_file(checkpoint)["extra"]["step"] >= 20:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    state = read_bundle_file(checkpoint)
+    assert state["extra"]["complete"] is False and not (out / "bundle.pt").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "anomaly_diffusion.cli", "train", "--resume", str(out), "--tracking-uri", uri],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert not checkpoint.exists()
+
+    reference = subprocess.run(
+        _train(tiny_dataset, tmp_path / "straight", uri, "--run-name", "straight"), capture_output=True, text=True
+    )
+    assert reference.returncode == 0, reference.stderr
+    a = read_bundle_file(out / "bundle.pt")
+    b = read_bundle_file(tmp_path / "straight" / "bundle.pt")
+    for part in ("unet", "classifier"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+    client = MlflowClient(uri)
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("anomaly_diffusion").experiment_id])
+    }
+    assert set(runs) == {"killed", "straight"}  # the resumed training continued its own run
+    killed = runs["killed"]
+    assert killed.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "ddpm_loss")]
+    assert max(steps) == 60 and set(range(5, 61, 5)) <= set(steps)
+    assert [a.path for a in client.list_artifacts(killed.info.run_id, "model")] == ["model/bundle.pt"]
+
+
+def test_resume_refuses_a_finished_run_and_another_config(tmp_path: Path, tiny_dataset: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    out = tmp_path / "run"
+    assert subprocess.run(_train(tiny_dataset, out, uri), capture_output=True).returncode == 0
+    again = subprocess.run(
+        [sys.executable, "-m", "anomaly_diffusion.cli", "train", "--resume", str(out)], capture_output=True, text=True
+    )
+    assert again.returncode == 1 and "already finished" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
