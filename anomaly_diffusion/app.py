@@ -20,7 +20,7 @@ import torch
 
 from anomaly_diffusion.config import Config, config_from_dict, load_config
 from anomaly_diffusion.data.datasets import SliceDataset, VolumeInfo, load_slices
-from anomaly_diffusion.data.io import check_writable, load_scan, read_mask, save_like
+from anomaly_diffusion.data.io import atomic_write_bytes, check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.transforms import mask_to_slices, normalise, to_input_grid
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
@@ -264,7 +264,7 @@ def run_explain(
         "bundle_version": bundle.package_version,
     }
     summary = {"params": params, "metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}}
-    outputs["summary"].write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(json.dumps(summary, indent=2).encode(), outputs["summary"])
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
     with tracked_run(tracking_uri, cfg.tracking.experiment, f"explain-{stem}", "explain", tags) as run:
         run.log_params(params)

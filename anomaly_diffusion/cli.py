@@ -6,6 +6,7 @@ User errors (`AdiffError`) become one line on stderr and exit code 1; Ctrl-C exi
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -48,9 +49,16 @@ def _uri(option: str | None, configured: str | None = None) -> str:
     return option or configured or DEFAULT_TRACKING_URI
 
 
+def _quiet_library_logs() -> None:
+    # nibabel logs header "fixes" of odd files and alembic logs migrations: not for users' eyes
+    for name in ("nibabel", "alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _one_line_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_library_logs()
         try:
             return command(*args, **kwargs)
         except AdiffError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from anomaly_diffusion.data.io import atomic_write_bytes
 
 
 def _show(axis: plt.Axes, image: np.ndarray, **kwargs: Any) -> None:
@@ -53,7 +56,7 @@ def explain_montage(
         axes[r, 1].set_title("healthy counterfactual", fontsize=9)
         axes[r, 2].set_title("anomaly map", fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    return path
+    return atomic_write_bytes(buffer.getvalue(), path)

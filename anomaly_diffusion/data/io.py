@@ -6,10 +6,8 @@ output is written on exactly the input's voxel grid. Errors are one line naming 
 
 from __future__ import annotations
 
-import gzip
 import os
 import tempfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,22 +42,34 @@ class Scan:
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
 
+MAX_VOXELS = 2**31  # a header claiming more is corrupt, not a scan
+MIN_SIZE = 8  # in-plane voxels: anything smaller is not an image the model can say anything about
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
+    # Corrupt files make nibabel, numpy, gzip and zlib raise many exception types; at this file
+    # boundary every one of them means the same to the user: the file is unreadable.
     try:
         image = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
-        raise InputError(f"{path}: not a NIfTI image ({exc})") from exc
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise InputError(f"{path}: cannot read NIfTI header ({exc.__class__.__name__}: {exc})") from exc
+        raise InputError(f"{path}: not a NIfTI image") from exc
+    except Exception as exc:
+        raise InputError(f"{path}: corrupt or unreadable NIfTI header ({exc.__class__.__name__})") from exc
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
+    shape = tuple(int(n) for n in image.shape)
+    if not shape or any(n <= 0 for n in shape) or float(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise InputError(f"{path}: corrupt NIfTI header (implausible shape {shape})")
     try:
         array = np.asanyarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:
         raise InputError(f"{path}: truncated or corrupt image data ({exc.__class__.__name__})") from exc
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: corrupt NIfTI header (degenerate affine)")
     header = image.header.copy()
     assert isinstance(header, nib.Nifti1Header)
-    return array, np.asarray(image.affine, dtype=np.float64), header
+    return array, affine, header
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -125,8 +135,8 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | 
     spatial_shape = tuple(int(s) for s in array.shape)
     if array.ndim == 2:
         array = array[..., None]
-    if min(array.shape[:2]) < 2:
-        raise InputError(f"{path}: image too small ({spatial_shape})")
+    if min(array.shape[:2]) < MIN_SIZE:
+        raise InputError(f"{path}: image too small ({spatial_shape}); need at least {MIN_SIZE} voxels in-plane")
     finite = np.isfinite(array)
     if not finite.all():
         raise InputError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf")
@@ -180,6 +190,20 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"{folder}: cannot create output folder ({exc.strerror})") from exc
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{folder}: output folder is not writable")
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    """Write bytes to a temporary file in the target folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_like(array: np.ndarray, scan: Scan, path: Path) -> Path:
