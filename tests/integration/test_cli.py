@@ -6,49 +6,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
+from cli_support import one_line_error, runner
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
 
 from anomaly_diffusion.cli import app
-
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # default outputs (adiff_runs/, mlruns.db) land in tmp, never in the repo
-
-
-def _train(tmp_path: Path, manifest: Path, uri: str, *extra: str) -> Path:
-    out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            "tiny",
-            "--set",
-            f"data.manifest={manifest}",
-            "--set",
-            "data.min_foreground_fraction=0",
-            "--out",
-            str(out),
-            "--tracking-uri",
-            uri,
-            "--run-name",
-            "tiny-train",
-            *extra,
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert (out / "bundle.pt").is_file()
-    return out / "bundle.pt"
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, tiny_dataset: Path, tracking_uri: str) -> Path:
-    return _train(tmp_path, tiny_dataset, tracking_uri)
 
 
 def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
@@ -107,14 +68,6 @@ def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
     assert {"explain/s5_t1_anomaly_map.nii.gz", "explain/s5_t1_montage.png"} <= artifacts
 
 
-def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def test_explain_errors_are_one_line_and_leave_outputs_untouched(
     tmp_path: Path, tiny_dataset: Path, tracking_uri: str, bundle: Path
 ) -> None:
@@ -135,7 +88,7 @@ def test_explain_errors_are_one_line_and_leave_outputs_untouched(
         "expects 1 channel": ["explain", scan, scan, *base],
     }
     for message, args in cases.items():
-        line = _one_line_error(runner.invoke(app, args))
+        line = one_line_error(runner.invoke(app, args))
         assert message.strip() in line, (message, line)
         assert existing.read_bytes() == b"an earlier result"
     client = MlflowClient(tracking_uri)
@@ -144,11 +97,11 @@ def test_explain_errors_are_one_line_and_leave_outputs_untouched(
 
 
 def test_train_errors(tmp_path: Path, tracking_uri: str) -> None:
-    line = _one_line_error(runner.invoke(app, ["train", "--config", "tiny", "--tracking-uri", tracking_uri]))
+    line = one_line_error(runner.invoke(app, ["train", "--config", "tiny", "--tracking-uri", tracking_uri]))
     assert "data.manifest is not set" in line
-    line = _one_line_error(runner.invoke(app, ["train", "--config", str(tmp_path / "x.yaml")]))
+    line = one_line_error(runner.invoke(app, ["train", "--config", str(tmp_path / "x.yaml")]))
     assert "config file not found" in line
-    line = _one_line_error(runner.invoke(app, ["train", "--config", "tiny", "--set", "unet.channels=[7]"]))
+    line = one_line_error(runner.invoke(app, ["train", "--config", "tiny", "--set", "unet.channels=[7]"]))
     assert "unet" in line
 
 
@@ -164,7 +117,7 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path: Path, ti
     result = runner.invoke(
         app, ["train", "--config", "tiny", "--set", f"data.manifest={healthy}", "--tracking-uri", uri]
     )
-    assert "needs both classes" in _one_line_error(result)
+    assert "needs both classes" in one_line_error(result)
     assert not (tmp_path / "other.db").exists() or not MlflowClient(uri).search_runs(["0"])
 
 
@@ -237,7 +190,7 @@ def test_inspect_summarises_and_refuses_inconsistent_data(tiny_dataset: Path) ->
     assert "s0 (train): shape (24, 20, 10), spacing (1.5, 1.5, 2.0) mm" in result.output
     bad_mask = tiny_dataset.parent / "s0_mask.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((24, 20, 9), np.uint8), np.eye(4)), str(bad_mask))
-    line = _one_line_error(runner.invoke(app, ["inspect", str(tiny_dataset), "--config", "tiny"]))
+    line = one_line_error(runner.invoke(app, ["inspect", str(tiny_dataset), "--config", "tiny"]))
     assert "mask shape (24, 20, 9) differs from image shape (24, 20, 10)" in line
 
 

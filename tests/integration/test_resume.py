@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -36,11 +35,6 @@ def _train(manifest: Path, out: Path, uri: str, *extra: str) -> list[str]:
         uri,
         *extra,
     ]
-
-
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
 
 
 def test_resume_after_sigkill_reaches_the_same_weights_in_the_same_run(tmp_path: Path, tiny_dataset: Path) -> None:

@@ -15,7 +15,7 @@ from anomaly_diffusion.errors import InputError
 def _valid_bytes(suffix: str) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"x{suffix}"
-        data = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+        data = np.random.default_rng(0).random((10, 9, 4)).astype(np.float32)
         nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
         return path.read_bytes()
 
