@@ -95,3 +95,32 @@ def test_resume_refuses_a_finished_run_and_another_config(tmp_path: Path, tiny_d
     )
     assert again.returncode == 1 and "already finished" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tmp_path: Path, tiny_dataset: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    out = tmp_path / "run"
+    assert subprocess.run(_train(tiny_dataset, out, uri), capture_output=True).returncode == 0
+    data = torch.load(out / "bundle.pt", weights_only=True)
+    torch.save({**data, "train_state": {}}, out / "checkpoint.pt")  # as if killed at the very end
+    (out / "bundle.pt").unlink()
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anomaly_diffusion.cli",
+            "train",
+            "--resume",
+            str(out),
+            "--config",
+            "tiny",
+            "--set",
+            f"data.manifest={tiny_dataset}",
+            "--set",
+            "train.ddpm_steps=99",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode == 1 and "checkpoint is from another config" in other.stderr
+    assert "train.ddpm_steps" in other.stderr and len(other.stderr.strip().splitlines()) == 1
