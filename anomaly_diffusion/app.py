@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,19 +18,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from skimage.filters import threshold_otsu
+from torch import nn
 
 from anomaly_diffusion.config import Config, config_from_dict, load_config
 from anomaly_diffusion.data.datasets import SliceDataset, VolumeInfo, load_slices
 from anomaly_diffusion.data.io import atomic_write_bytes, check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.transforms import mask_to_slices, normalise, to_input_grid
+from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_sample
+from anomaly_diffusion.diffusion.schedule import make_schedule
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
 from anomaly_diffusion.explain import ScanExplanation, check_explain_options, explain_scan
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
-from anomaly_diffusion.models.bundle import load_bundle, read_bundle_file
-from anomaly_diffusion.plots import explain_montage
-from anomaly_diffusion.tracking import flatten, make_client, tracked_run
+from anomaly_diffusion.models.bundle import ModelBundle, load_bundle, read_bundle_file
+from anomaly_diffusion.plots import explain_montage, training_snapshot
+from anomaly_diffusion.tracking import (
+    MODELS_PREFIX,
+    RunLogger,
+    fetch_registered_bundle,
+    flatten,
+    make_client,
+    register_model,
+    tracked_run,
+)
 from anomaly_diffusion.training import BUNDLE_NAME, CHECKPOINT_NAME, Progress, TrainResult, resolve_device, train
 
 PACKAGED_CONFIGS = ("default", "demo", "tiny")
@@ -59,6 +72,7 @@ class TrainOutcome:
     result: TrainResult
     summary: dict[str, dict[str, int]]
     seconds: float
+    registered: str | None = None
 
 
 def run_train(
@@ -69,6 +83,7 @@ def run_train(
     progress: Progress | None = None,
     on_data: Callable[[dict[str, dict[str, int]]], None] | None = None,
     resume: Path | None = None,
+    register: str | None = None,
 ) -> TrainOutcome:
     """Load the manifest's train (and val) split, train both models in one tracked MLflow run.
 
@@ -76,7 +91,7 @@ def run_train(
     states and the MLflow run come from its `checkpoint.pt`; `cfg`, if given, must be equal.
     """
     started = time.perf_counter()
-    state, run_id = None, None
+    state, run_id, registered = None, None, None
     if resume is not None:
         cfg, state, run_id = _resume_point(resume, cfg)
         out_dir = resume
@@ -106,12 +121,60 @@ def run_train(
             run.log_params({f"dataset.{split}.{k}": v for split, counts in summary.items() for k, v in counts.items()})
             run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
             run.log_dict(summary, "dataset_summary.json")
+        observer = _snapshot_observer(cfg, val if val is not None else data, out_dir / "snapshots", run)
         result = train(
-            cfg, data, out_dir, val, sink=run.log_metrics, progress=progress, train_run_id=run.run_id, resume=state
+            cfg,
+            data,
+            out_dir,
+            val,
+            sink=run.log_metrics,
+            progress=progress,
+            train_run_id=run.run_id,
+            resume=state,
+            observer=observer,
         )
         run.log_metrics(result.classifier_accuracy)
         run.log_artifact(result.bundle_path, "model")
-    return TrainOutcome(run.run_id, out_dir, result, summary, time.perf_counter() - started)
+        if register is not None:
+            registered = f"{register}/{register_model(tracking_uri, run.run_id, register)}"
+            run.set_tags({"adiff.registered_model": registered})
+    return TrainOutcome(run.run_id, out_dir, result, summary, time.perf_counter() - started, registered)
+
+
+SNAPSHOT_SAMPLES = 8
+SNAPSHOT_SLICES = 4
+
+
+def _snapshot_observer(
+    cfg: Config, data: SliceDataset, folder: Path, run: RunLogger
+) -> Callable[[int, nn.Module], None]:
+    """At each DDPM checkpoint: a PNG of unconditional samples and of validation encode/decode, logged to the run."""
+    schedule = make_schedule(
+        cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end
+    )
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    pathological = torch.nonzero(data.labels == PATHOLOGICAL).flatten()[: SNAPSHOT_SLICES // 2]
+    healthy = torch.nonzero(data.labels == HEALTHY).flatten()[: SNAPSHOT_SLICES - len(pathological)]
+    inputs = data.images[torch.cat([healthy, pathological])]
+    noise_level = min(cfg.explain.noise_level, cfg.schedule.num_timesteps - 1)
+    steps = min(20, noise_level)
+
+    def observe(step: int, unet: nn.Module) -> None:
+        device = next(unet.parameters()).device
+        unet.eval()
+
+        def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(x_t, t).float()
+
+        shape = (SNAPSHOT_SAMPLES, *data.images.shape[1:])
+        samples = ddim_sample(eps_fn, shape, schedule, 25, generator.manual_seed(cfg.train.seed), device)
+        x = inputs.to(device)
+        recon = ddim_decode(eps_fn, ddim_encode(eps_fn, x, schedule, noise_level, steps), schedule, noise_level, steps)
+        title = f"DDPM step {step}: samples ({25} DDIM steps) and reconstructions (L={noise_level}, K={steps})"
+        path = training_snapshot(samples.cpu(), x.cpu(), recon.cpu(), title, folder / f"step_{step:07d}.png")
+        run.log_artifact(path, "snapshots")
+
+    return observe
 
 
 def _resume_point(folder: Path, cfg: Config | None) -> tuple[Config, dict[str, Any], str | None]:
@@ -178,9 +241,23 @@ def explained_region(explanation: ScanExplanation) -> np.ndarray:
     return to_input_grid(ones, explanation.state, fill=0.0)[0] > 0.5
 
 
+def load_model(checkpoint: Path | str, tracking_uri: str, device: str = "auto") -> tuple[ModelBundle, str, str | None]:
+    """A bundle from a file or a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`).
+
+    Returns:
+        (bundle, file name, 'NAME/VERSION' for a registered model or None).
+    """
+    with tempfile.TemporaryDirectory(prefix="adiff-model-") as download:
+        if str(checkpoint).startswith(MODELS_PREFIX):
+            path, model_ref = fetch_registered_bundle(tracking_uri, str(checkpoint), Path(download))
+        else:
+            path, model_ref = Path(checkpoint), None
+        return load_bundle(path, resolve_device(device)), path.name, model_ref
+
+
 def run_explain(
     scans: Sequence[Path],
-    checkpoint: Path,
+    checkpoint: Path | str,
     out_dir: Path,
     tracking_uri: str,
     noise_level: int | None = None,
@@ -192,10 +269,14 @@ def run_explain(
     overwrite: bool = False,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    threshold: float | None = None,
 ) -> ExplainOutcome:
-    """Explain one scan with a bundle; write NIfTI maps, a montage and a JSON summary; track it."""
+    """Explain one scan with a bundle file or a registered model (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
+
+    Writes NIfTI maps, a montage and a JSON summary, and tracks it all in one MLflow run.
+    """
     started = time.perf_counter()
-    bundle = load_bundle(checkpoint, resolve_device(device))
+    bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
     cfg = bundle.config
     noise_level = cfg.explain.noise_level if noise_level is None else noise_level
     scale = cfg.explain.scale if scale is None else scale
@@ -221,6 +302,10 @@ def run_explain(
         bundle, scan, noise_level, scale, steps, batch_size, brainmask=brain, amp=cfg.train.amp, progress=progress
     )
     slices = explanation.slices
+    scores = explanation.anomaly_map[explanation.foreground & explained_region(explanation)]
+    threshold = threshold if threshold is not None else cfg.explain.threshold
+    if threshold is None:
+        threshold = float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
     metrics = {
         "p_healthy_before_mean": float(slices.p_healthy_before.mean()),
         "p_healthy_after_mean": float(slices.p_healthy_after.mean()),
@@ -229,6 +314,8 @@ def run_explain(
         "anomaly_max": float(explanation.anomaly_map.max()),
         "anomaly_mean": float(slices.anomaly_map.mean()),
         "slices_explained": float(len(explanation.state.kept)),
+        "anomaly_threshold": threshold,
+        "anomaly_volume_ml": float((explanation.anomaly_map > threshold).sum()) * scan.voxel_volume_ml,
     }
     pixel = baseline = None
     if truth is not None:
@@ -260,12 +347,15 @@ def run_explain(
         "steps": steps if steps is not None else noise_level,
         "batch_size": batch_size,
         "inputs": ";".join(p.name for p in scans),
-        "checkpoint": checkpoint.name,
+        "checkpoint": checkpoint_name,
+        "model": model_ref or "",
         "bundle_version": bundle.package_version,
     }
     summary = {"params": params, "metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}}
     atomic_write_bytes(json.dumps(summary, indent=2).encode(), outputs["summary"])
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
+    if model_ref:
+        tags["adiff.model"] = model_ref
     with tracked_run(tracking_uri, cfg.tracking.experiment, f"explain-{stem}", "explain", tags) as run:
         run.log_params(params)
         run.log_metrics(metrics)
@@ -283,7 +373,8 @@ def _run_description(params: dict[str, object], metrics: dict[str, float]) -> st
         "",
         f"- p(healthy) before: {metrics['p_healthy_before_mean']:.3f} (mean over slices), "
         f"after: {metrics['p_healthy_after_mean']:.3f}",
-        f"- max anomaly score: {metrics['anomaly_max']:.3f}",
+        f"- max anomaly score: {metrics['anomaly_max']:.3f}; {metrics['anomaly_volume_ml']:.2f} mL above the "
+        f"threshold {metrics['anomaly_threshold']:.3f}",
     ]
     if "pixel_auprc" in metrics:
         lines.append(

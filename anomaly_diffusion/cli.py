@@ -125,6 +125,9 @@ def train(
     local_tracking: Annotated[
         bool, typer.Option("--local-tracking", help="If the tracking server is unreachable, log to local SQLite.")
     ] = False,
+    register: Annotated[
+        str | None, typer.Option("--register", help="Register the bundle in the MLflow Model Registry under NAME.")
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Train the DDPM and the noise-aware classifier on a manifest; save a model bundle."""
@@ -148,7 +151,7 @@ def train(
             console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
 
     with _progress() as progress:
-        outcome = run_train(cfg, uri, out_dir, run_name, _phase_progress(progress), on_data, resume)
+        outcome = run_train(cfg, uri, out_dir, run_name, _phase_progress(progress), on_data, resume, register)
     result = outcome.result
     out.print(f"bundle: {result.bundle_path}", highlight=False)
     out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
@@ -156,6 +159,8 @@ def train(
     out.print(
         f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False
     )
+    if outcome.registered:
+        out.print(f"registered: models:/{outcome.registered}", highlight=False)
     out.print(f"time: {outcome.seconds:.0f} s", highlight=False)
 
 
@@ -173,7 +178,12 @@ def explain(
         int | None, typer.Option("--steps", help="DDIM steps K for encode and for decode (stride L/K).")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="Model bundle (default: newest under ./adiff_runs).")
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            "--model",
+            help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
+        ),
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_explain"),
     mask: Annotated[Path | None, typer.Option("--mask", help="Ground-truth lesion mask: adds Dice/AUPRC.")] = None,
@@ -183,6 +193,9 @@ def explain(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Anomaly volume threshold (default: Otsu on this scan).")
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
@@ -212,6 +225,7 @@ def explain(
             overwrite,
             device,
             update,
+            threshold,
         )
     _print_explain(outcome)
 
@@ -222,7 +236,8 @@ def _print_explain(outcome: Any) -> None:
         out.print(f"{name}: {path}", highlight=False)
     out.print(
         f"p(healthy) before={m['p_healthy_before_mean']:.3f} after={m['p_healthy_after_mean']:.3f} "
-        f"(mean over {int(m['slices_explained'])} slices); max anomaly score {m['anomaly_max']:.3f}",
+        f"(mean over {int(m['slices_explained'])} slices); max anomaly score {m['anomaly_max']:.3f}; "
+        f"{m['anomaly_volume_ml']:.2f} mL above {m['anomaly_threshold']:.3f}",
         highlight=False,
     )
     if outcome.pixel is not None:
@@ -291,6 +306,21 @@ def _has_lesion(path: Path | None) -> bool:
     from anomaly_diffusion.data.io import read_volume
 
     return path is not None and bool((read_volume(path)[0] > 0).any())
+
+
+@app.command()
+@_one_line_errors
+def register(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option("--alias", help="Also point this alias at the new version.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Register a training run's bundle in the MLflow Model Registry."""
+    from anomaly_diffusion.tracking import register_model
+
+    version = register_model(_uri(tracking_uri), run_id, name, alias)
+    out.print(f"registered models:/{name}/{version}" + (f" (alias @{alias})" if alias else ""), highlight=False)
 
 
 @app.command()

@@ -123,6 +123,7 @@ class ExplainConfig(_Strict):
     steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     montage_slices: int = Field(4, ge=1)
+    threshold: float | None = None  # anomaly volume threshold; None = Otsu over the scan's foreground scores
 
 
 class TrackingConfig(_Strict):

@@ -60,3 +60,27 @@ def explain_montage(
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return atomic_write_bytes(buffer.getvalue(), path)
+
+
+def training_snapshot(
+    samples: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor, title: str, path: Path
+) -> Path:
+    """Row 1: unconditional DDIM samples; rows 2-3: validation slices and their encode/decode reconstructions.
+
+    All tensors are (N, C, S, S) in normalised units; channel 0 is shown.
+    """
+    columns = max(samples.shape[0], inputs.shape[0], 1)
+    figure, axes = plt.subplots(3, columns, figsize=(1.6 * columns, 5.2), squeeze=False)
+    rows = (("samples", samples), ("validation", inputs), ("reconstruction", reconstructions))
+    for r, (name, images) in enumerate(rows):
+        for c in range(columns):
+            axes[r, c].set_axis_off()
+            if c < images.shape[0]:
+                _show(axes[r, c], images[c, 0].float().numpy(), cmap="gray", vmin=-1, vmax=2)
+        axes[r, 0].set_title(name, fontsize=8, loc="left")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return atomic_write_bytes(buffer.getvalue(), path)

@@ -187,6 +187,54 @@ def tracked_run(
     client.set_terminated(logger.run_id, status="FINISHED")
 
 
+MODELS_PREFIX = "models:/"
+
+
+def register_model(uri: str, run_id: str, name: str, alias: str | None = None) -> str:
+    """Register the bundle logged under the run's `model/` artifacts as a new version of `name`."""
+    client = make_client(uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:
+        raise TrackingError(f"MLflow run {run_id} is not in {uri}") from exc
+    names = [a.path for a in client.list_artifacts(run_id, "model")]
+    if "model/bundle.pt" not in names:
+        raise TrackingError(f"MLflow run {run_id} has no model/bundle.pt to register (is it a training run?)")
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(
+            name, description="anomaly_diffusion model bundle (DDPM + noise-aware classifier)"
+        )
+    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def fetch_registered_bundle(uri: str, model_uri: str, folder: Path) -> tuple[Path, str]:
+    """Download `models:/NAME/VERSION` or `models:/NAME@ALIAS` into folder; (bundle path, 'NAME/VERSION')."""
+    client = make_client(uri)
+    reference = model_uri[len(MODELS_PREFIX) :]
+    name, _, version = reference.partition("/")
+    try:
+        if "@" in reference and not version:
+            name, alias = reference.split("@", 1)
+            found = client.get_model_version_by_alias(name, alias)
+        else:
+            found = client.get_model_version(name, version)
+        from mlflow.artifacts import download_artifacts
+
+        local = download_artifacts(artifact_uri=found.source, dst_path=str(folder), tracking_uri=uri)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TrackingError(f"{model_uri}: not found in the registry of {uri} ({first[:200]})") from exc
+    bundle = Path(local) / "bundle.pt"
+    if not bundle.is_file():
+        raise TrackingError(f"{model_uri}: the registered artifacts hold no bundle.pt")
+    return bundle, f"{found.name}/{found.version}"
+
+
 def free_port(start: int, host: str = "127.0.0.1", tries: int = 50) -> int:
     """The first port >= start that can be bound on host."""
     for port in range(start, start + tries):

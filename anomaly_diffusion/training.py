@@ -318,13 +318,15 @@ def train(
     progress: Progress | None = None,
     train_run_id: str | None = None,
     resume: dict[str, Any] | None = None,
+    observer: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train both models and write `out_dir/bundle.pt`.
 
     Every `checkpoint_every` steps of either phase, `out_dir/checkpoint.pt` is written atomically:
     a valid bundle plus `train_state` (both phases' weights, EMA, optimisers, scalers, batch
     generators, steps, the global RNG). `resume` takes that `train_state` and continues exactly
-    where it stopped; a kill loses at most one checkpoint interval.
+    where it stopped; a kill loses at most one checkpoint interval. `observer(step, ema_unet)` is
+    called at every DDPM checkpoint and when the DDPM is done (for sample/reconstruction figures).
     """
     device = resolve_device(cfg.train.device)
     schedule = make_schedule(
@@ -354,10 +356,17 @@ def train(
                 extra={"phase": phase_name, "step": step, "complete": False},
             )
             atomic_torch_save({**payload, "train_state": state}, out_dir / CHECKPOINT_NAME)
+            if observer is not None and phase_name == "ddpm":
+                observed.append(step)
+                observer(step, ddpm.ema.module)
 
         return save
 
+    observed: list[int] = []
+
     unet, ddpm_last = train_ddpm(cfg, schedule, data, device, ddpm, sink, progress, checkpoint("ddpm"))
+    if observer is not None and cfg.train.ddpm_steps not in observed and (resume is None or resume["phase"] == "ddpm"):
+        observer(cfg.train.ddpm_steps, unet)
     classifier, classifier_last, accuracy = train_classifier(
         cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier")
     )

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from click.testing import Result
 from typer.testing import CliRunner
 
 from anomaly_diffusion.cli import app
+from anomaly_diffusion.tracking import free_port
 
 runner = CliRunner()
 
@@ -46,3 +56,46 @@ def one_line_error(result: Result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert "Traceback" not in result.output
     return lines[0]
+
+
+@contextmanager
+def ui_server(uri: str, first_port: int = 5800) -> Iterator[str]:
+    """Run `adiff ui` in its own process group until the block ends; yields its base URL once it answers."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "anomaly_diffusion.cli",
+            "ui",
+            "--port",
+            str(free_port(first_port)),
+            "--tracking-uri",
+            uri,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+", first)
+        assert found, first
+        url = found.group(0)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("adiff ui did not answer within 90 s")
+        yield url
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) in (0, 130, -signal.SIGINT)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

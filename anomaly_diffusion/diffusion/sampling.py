@@ -152,3 +152,16 @@ def ddim_decode(
             if callback is not None:
                 callback(k + 1, len(taus))
     return x
+
+
+def ddim_sample(
+    eps_fn: EpsFn,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    steps: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Unconditional samples: x_{T-1} ~ N(0, I) decoded by deterministic DDIM in K steps. (B, C, *spatial)."""
+    x_T = torch.randn(shape, generator=generator).to(device)
+    return ddim_decode(eps_fn, x_T, schedule, schedule.num_timesteps - 1, min(steps, schedule.num_timesteps - 1))

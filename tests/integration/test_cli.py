@@ -6,7 +6,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from cli_support import one_line_error, runner
+from cli_support import one_line_error, runner, train_tiny
 from mlflow.tracking import MlflowClient
 
 from anomaly_diffusion.cli import app
@@ -60,8 +60,14 @@ def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
     assert {"ddpm_loss", "classifier_loss", "classifier_acc_q1", "classifier_acc_q4"} <= set(train.data.metrics)
     assert len(client.get_metric_history(train.info.run_id, "ddpm_loss")) == 2  # a curve, logged every 2 steps
     assert [a.path for a in client.list_artifacts(train.info.run_id, "model")] == ["model/bundle.pt"]
+    snapshots = [a.path for a in client.list_artifacts(train.info.run_id, "snapshots")]
+    assert snapshots == ["snapshots/step_0000002.png", "snapshots/step_0000004.png"]  # each DDPM checkpoint
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"config.yaml", "dataset_summary.json"}
+    assert train.data.tags["adiff.version"] and "mlflow.source.git.commit" in train.data.tags
     assert explain.data.params["noise_level"] == "30" and explain.data.params["steps"] == "6"
     assert 0 <= explain.data.metrics["p_healthy_before_mean"] <= 1
+    assert explain.data.metrics["anomaly_volume_ml"] >= 0 and "anomaly_threshold" in explain.data.metrics
+    assert "mL above the threshold" in explain.data.tags["mlflow.note.content"]
     assert "pixel_auprc" in explain.data.metrics and "intensity_baseline_auprc" in explain.data.metrics
     assert explain.data.tags["adiff.train_run_id"] == train.info.run_id
     artifacts = {a.path for a in client.list_artifacts(explain.info.run_id, "explain")}
@@ -218,3 +224,30 @@ def test_explain_a_2d_png(tmp_path: Path, tracking_uri: str, bundle: Path) -> No
     anomaly = nib.load(str(out / "xray_anomaly_map.nii.gz"))
     assert anomaly.shape == (26, 30)  # (X = columns, Y = rows) of the PNG
     assert np.allclose(anomaly.affine, np.eye(4))
+
+
+def test_registry_flow_train_register_then_explain_by_model_uri(tmp_path: Path, tiny_dataset: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    train_tiny(tmp_path, tiny_dataset, uri, "--register", "brain-ad")
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name='brain-ad'")
+    assert str(version.version) == "1" and version.source == f"runs:/{version.run_id}/model"
+    train_run = client.get_run(version.run_id)
+    assert train_run.data.tags["adiff.registered_model"] == "brain-ad/1"
+    result = runner.invoke(app, ["register", version.run_id, "brain-ad", "--alias", "champion", "--tracking-uri", uri])
+    assert result.exit_code == 0 and "registered models:/brain-ad/2 (alias @champion)" in result.output
+    scan = str(tiny_dataset.parent / "s5_t1.nii.gz")
+    for model_uri, expected in (("models:/brain-ad/1", "brain-ad/1"), ("models:/brain-ad@champion", "brain-ad/2")):
+        out = tmp_path / expected.replace("/", "_")
+        result = runner.invoke(app, ["explain", scan, "--model", model_uri, "--out", str(out), "--tracking-uri", uri])
+        assert result.exit_code == 0, result.output
+        explain = client.search_runs([train_run.info.experiment_id], f"tags.`adiff.model` = '{expected}'")
+        assert len(explain) == 1 and explain[0].data.tags["adiff.train_run_id"] == version.run_id
+    line = one_line_error(
+        runner.invoke(
+            app, ["explain", scan, "--model", "models:/brain-ad/9", "--out", str(tmp_path / "x"), "--tracking-uri", uri]
+        )
+    )
+    assert "models:/brain-ad/9: not found in the registry" in line
+    line = one_line_error(runner.invoke(app, ["register", "0" * 32, "x", "--tracking-uri", uri]))
+    assert "is not in" in line

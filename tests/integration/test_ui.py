@@ -1,51 +1,91 @@
-"""`adiff ui` serves the MLflow UI for the store on 127.0.0.1 and stops cleanly on Ctrl-C."""
+"""`adiff ui` serves the store on 127.0.0.1; a real headless Chromium renders an explain run's page."""
 
 from __future__ import annotations
 
+import json
 import os
-import re
-import signal
+import shutil
 import subprocess
-import sys
-import time
+import tempfile
 import urllib.request
 from pathlib import Path
 
-from anomaly_diffusion.tracking import free_port, tracked_run
+import pytest
+from cli_support import runner, ui_server
+from mlflow.tracking import MlflowClient
+
+from anomaly_diffusion.cli import app
+from anomaly_diffusion.tracking import tracked_run
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+]
 
 
 def test_ui_serves_the_store_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     with tracked_run(uri, "anomaly_diffusion", "a-run", "train") as run:
         run.log_metrics({"ddpm_loss": 0.5}, 1)
-    port = free_port(5800)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "anomaly_diffusion.cli", "ui", "--port", str(port), "--tracking-uri", uri],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    with ui_server(uri) as url:
+        query = f"{url}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=anomaly_diffusion"
+        with urllib.request.urlopen(query, timeout=10) as response:
+            assert json.loads(response.read())["experiment"]["name"] == "anomaly_diffusion"
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("CI") == "true":
+        pytest.fail("Chromium is missing in CI: .ci/run must install Debian's chromium package")
+    return found
+
+
+def _dump_dom(browser: str, url: str) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_explain_run_page_in_headless_chromium(
+    tmp_path: Path, tiny_dataset: Path, bundle: Path, tracking_uri: str
+) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it and runs this test")
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(tiny_dataset.parent / "s5_t1.nii.gz"),
+            "--checkpoint",
+            str(bundle),
+            "--out",
+            str(tmp_path / "explain"),
+            "--tracking-uri",
+            tracking_uri,
+        ],
     )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        url = re.search(r"http://127\.0\.0\.1:\d+", first)
-        assert url, first
-        deadline, body = time.time() + 90, ""
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(
-                    f"{url.group(0)}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=anomaly_diffusion",
-                    timeout=5,
-                ) as response:
-                    body = response.read().decode()
-                break
-            except OSError:
-                time.sleep(1)
-        assert '"name": "anomaly_diffusion"' in body or '"name":"anomaly_diffusion"' in body, body
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=30) in (0, 130, -signal.SIGINT)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("anomaly_diffusion")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "explain-s5_t1"]
+    with ui_server(tracking_uri) as url:
+        page = f"{url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+        overview = _dump_dom(browser, page)
+        assert "explain-s5_t1" in overview
+        assert "p_healthy_before_mean" in overview and "anomaly_volume_ml" in overview
+        artifacts = _dump_dom(browser, f"{page}/artifacts/explain/s5_t1_montage.png")
+        assert '<img alt="explain/s5_t1_montage.png"' in artifacts  # the PNG preview is rendered
