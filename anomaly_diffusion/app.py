@@ -24,16 +24,34 @@ from torch import nn
 from anomaly_diffusion.config import Config, config_from_dict, load_config
 from anomaly_diffusion.data.datasets import SliceDataset, VolumeInfo, load_slices
 from anomaly_diffusion.data.io import atomic_write_bytes, check_writable, load_scan, read_mask, save_like
-from anomaly_diffusion.data.manifest import read_manifest
-from anomaly_diffusion.data.transforms import mask_to_slices, normalise, to_input_grid
+from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
+from anomaly_diffusion.data.transforms import explained_region as region_of
+from anomaly_diffusion.data.transforms import mask_to_slices, normalise
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_sample
 from anomaly_diffusion.diffusion.schedule import make_schedule
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
+from anomaly_diffusion.evaluation import (
+    EvaluationReport,
+    Method,
+    VolumeScores,
+    check_methods,
+    evaluate,
+    flat_metrics,
+    parse_method,
+    report_markdown,
+    score_volume,
+)
 from anomaly_diffusion.explain import ScanExplanation, check_explain_options, explain_scan
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
-from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
+from anomaly_diffusion.metrics import PixelMetrics, per_slice_otsu_dice, pixel_metrics
 from anomaly_diffusion.models.bundle import ModelBundle, load_bundle, read_bundle_file
-from anomaly_diffusion.plots import explain_montage, training_snapshot
+from anomaly_diffusion.plots import (
+    dice_vs_threshold,
+    evaluation_montage,
+    explain_montage,
+    roc_pr_curves,
+    training_snapshot,
+)
 from anomaly_diffusion.tracking import (
     MODELS_PREFIX,
     RunLogger,
@@ -237,8 +255,7 @@ def find_latest_bundle(root: Path) -> Path:
 
 def explained_region(explanation: ScanExplanation) -> np.ndarray:
     """Voxels of the input grid that the model saw (kept slices, inside the crop box), (X, Y, Z) bool."""
-    ones = torch.ones(len(explanation.state.kept), 1, explanation.state.image_size, explanation.state.image_size)
-    return to_input_grid(ones, explanation.state, fill=0.0)[0] > 0.5
+    return region_of(explanation.state)
 
 
 def load_model(checkpoint: Path | str, tracking_uri: str, device: str = "auto") -> tuple[ModelBundle, str, str | None]:
@@ -414,3 +431,160 @@ def demo_config(manifest: Path, output_dir: Path, overrides: list[str] | None = 
     base["data"]["manifest"] = str(manifest)
     base["train"]["output_dir"] = str(output_dir)
     return config_from_dict(base, overrides, source="demo config")
+
+
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    """A finished evaluation: the report, its files and its MLflow run."""
+
+    run_id: str
+    report: EvaluationReport
+    outputs: dict[str, Path]
+    seconds: float
+
+
+EvaluateProgress = Callable[[int, int, str, str], None]
+"""(volume index, volumes in total, subject, method being run)."""
+
+
+def _score_split(
+    bundle: ModelBundle,
+    rows: Sequence[ManifestRow],
+    methods: Sequence[Method],
+    batch_size: int,
+    median_size: int,
+    progress: EvaluateProgress | None,
+) -> list[VolumeScores]:
+    scored = []
+    for i, row in enumerate(rows):
+
+        def step(method: str, i: int = i, row: ManifestRow = row) -> None:
+            if progress is not None:
+                progress(i, len(rows), row.subject, method)
+
+        scored.append(score_volume(bundle, row, methods, batch_size, median_size, bundle.config.train.amp, step))
+    if progress is not None and rows:
+        progress(len(rows), len(rows), rows[-1].subject, "")
+    return scored
+
+
+def _montage_rows(volumes: Sequence[VolumeScores], method: str) -> list[tuple[str, Any]]:
+    """Best, median and worst diseased slices of `method` by their Otsu Dice."""
+    ranked = []
+    for v in volumes:
+        for k, d in per_slice_otsu_dice(v.scores[method], v.truth, v.slice_ids).items():
+            if k in v.examples:
+                ranked.append((d, v.subject, k, v.examples[k]))
+    if not ranked:
+        return []
+    ranked.sort(key=lambda item: item[0])
+    picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
+    return [(f"{label}: {s} slice {k}, Dice {d:.2f}", ex) for label, (d, s, k, ex) in picks.items()]
+
+
+def run_evaluate(
+    manifest: Path,
+    checkpoint: Path | str,
+    out_dir: Path,
+    tracking_uri: str,
+    split: str = "val",
+    methods: Sequence[str] = ("guided", "unguided", "intensity"),
+    threshold_split: str | None = None,
+    median_size: int = 0,
+    fprs: Sequence[float] = (0.01, 0.05),
+    bootstrap: int = 1000,
+    batch_size: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    max_volumes: int | None = None,
+    progress: EvaluateProgress | None = None,
+) -> EvaluateOutcome:
+    """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
+
+    Args:
+        manifest: dataset manifest; rows of `split` need lesion masks.
+        checkpoint: bundle file or `models:/NAME/VERSION` / `models:/NAME@ALIAS`.
+        methods: specs for `parse_method` (guided, unguided, paper, intensity[:C], NAME:L=..,s=..,K=..).
+        threshold_split: a split whose volumes choose the Dice threshold and the FPR thresholds;
+            None: leave one volume out (Dice) and this split's lesion-free slices (FPR).
+        median_size: in-plane median filter of every map (0 or 1 = none).
+        max_volumes: evaluate only the first N volumes of each split (quick looks).
+    """
+    started = time.perf_counter()
+    if median_size < 0 or median_size > 15:
+        raise ConfigError(f"--median-filter must be in 0..15, got {median_size}")
+    for fpr in fprs:
+        if not 0 < fpr < 1:
+            raise ConfigError(f"false-positive rates must be in (0, 1), got {fpr}")
+    if bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
+    if threshold_split is not None and threshold_split == split:
+        raise ConfigError(
+            f"--threshold-split must differ from --split ({split}): a threshold chosen on the "
+            "evaluated volumes is the oracle, which is reported anyway as Dice (best)"
+        )
+    bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
+    cfg = bundle.config
+    parsed = [parse_method(m, cfg) for m in methods]
+    check_methods(parsed, bundle)
+    rows = read_manifest(manifest)
+
+    def split_rows(name: str) -> list[ManifestRow]:
+        chosen = [r for r in rows if r.split == name]
+        if not chosen:
+            raise InputError(f"{manifest}: no subjects in the {name} split")
+        missing = [r.subject for r in chosen if r.mask is None]
+        if missing:
+            raise InputError(f"{manifest}: {name} subjects without a lesion mask cannot be evaluated: {missing[:5]}")
+        return chosen[:max_volumes] if max_volumes else chosen
+
+    eval_rows = split_rows(split)
+    threshold_rows = split_rows(threshold_split) if threshold_split else []
+    outputs = {
+        "table": out_dir / "results.md",
+        "json": out_dir / "results.json",
+        "curves": out_dir / "roc_pr.png",
+        "dice_threshold": out_dir / "dice_threshold.png",
+        "montage": out_dir / "montage.png",
+    }
+    for path in outputs.values():
+        check_writable(path, overwrite)
+    batch = batch_size or cfg.explain.batch_size
+    volumes = _score_split(bundle, eval_rows, parsed, batch, median_size, progress)
+    threshold_volumes = _score_split(bundle, threshold_rows, parsed, batch, median_size, progress) or None
+    report = evaluate(
+        volumes, parsed, split, threshold_volumes, fprs, bootstrap, median_size, cfg.train.seed, threshold_split
+    )
+    curves = {
+        m.name: (np.concatenate([v.scores[m.name] for v in volumes]), np.concatenate([v.truth for v in volumes]))
+        for m in parsed
+    }
+    title = f"{split} split, {len(volumes)} volume(s)"
+    markdown = report_markdown(report)
+    atomic_write_bytes(markdown.encode(), outputs["table"])
+    atomic_write_bytes(json.dumps(report.as_dict(), indent=2, default=float).encode(), outputs["json"])
+    roc_pr_curves(curves, outputs["curves"], title)
+    dice_vs_threshold(curves, outputs["dice_threshold"], f"Dice vs threshold ({title})")
+    primary = next((m.name for m in parsed if m.kind == "diffusion"), None)
+    evaluation_montage(_montage_rows(volumes, primary) if primary else [], outputs["montage"])
+    params = {
+        "split": split,
+        "manifest": manifest.name,
+        "methods": ";".join(f"{m.name}={m.describe()}" for m in parsed),
+        "threshold_split": threshold_split or "",
+        "threshold_source": report.threshold_source,
+        "median_filter": median_size,
+        "bootstrap": bootstrap,
+        "fprs": ",".join(f"{f:g}" for f in fprs),
+        "volumes": len(volumes),
+        "checkpoint": checkpoint_name,
+        "model": model_ref or "",
+    }
+    tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
+    with tracked_run(tracking_uri, cfg.tracking.experiment, f"evaluate-{split}", "evaluate", tags) as run:
+        run.log_params(params)
+        run.log_metrics(flat_metrics(report))
+        for path in outputs.values():
+            run.log_artifact(path, "evaluate")
+        run.set_tags({"mlflow.note.content": markdown})
+    return EvaluateOutcome(run.run_id, report, outputs, time.perf_counter() - started)

@@ -253,6 +253,103 @@ def _print_explain(outcome: Any) -> None:
 
 @app.command()
 @_one_line_errors
+def evaluate(
+    manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV; the split's rows need lesion masks.")],
+    split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val or test.")] = "val",
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            "--model",
+            help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
+        ),
+    ] = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma-separated: guided, unguided (s=0), paper (L=500, s=100, K=L), intensity[:C], "
+            "NAME:L=..;s=..;K=.. (a named diffusion setting).",
+        ),
+    ] = "guided,unguided,intensity",
+    threshold_split: Annotated[
+        str | None,
+        typer.Option("--threshold-split", help="Split that chooses thresholds (default: leave one volume out)."),
+    ] = None,
+    median_filter: Annotated[
+        int, typer.Option("--median-filter", help="In-plane median filter size for every map (0 = none).")
+    ] = 0,
+    fpr: Annotated[
+        str, typer.Option("--fpr", help="Target false-positive rates on lesion-free slices, comma-separated.")
+    ] = "0.01,0.05",
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples over volumes (0 = none).")] = 1000,
+    max_volumes: Annotated[
+        int | None, typer.Option("--max-volumes", min=1, help="Only the first N volumes of each split.")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_evaluate"),
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
+    from anomaly_diffusion.app import find_latest_bundle, run_evaluate
+    from anomaly_diffusion.errors import ConfigError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if split not in ("train", "val", "test") or threshold_split not in (None, "train", "val", "test"):
+        raise ConfigError("--split and --threshold-split must be train, val or test")
+    try:
+        fprs = [float(f) for f in fpr.split(",") if f.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--fpr must be comma-separated numbers, got {fpr!r}") from exc
+    # ';' separates a named method's keys on the command line, where ',' separates methods
+    specs = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
+    specs = _join_method_specs(specs)
+    bundle_path = checkpoint or find_latest_bundle(Path("adiff_runs"))
+    with _progress() as progress:
+        task = progress.add_task("evaluate volumes", total=None, info="")
+
+        def update(done: int, total: int, subject: str, method: str) -> None:
+            progress.update(task, completed=done, total=total, info=f"{subject} {method}")
+
+        outcome = run_evaluate(
+            manifest,
+            bundle_path,
+            out_dir,
+            _uri(tracking_uri),
+            split,
+            specs,
+            threshold_split,
+            median_filter,
+            fprs,
+            bootstrap,
+            batch_size,
+            device,
+            overwrite,
+            max_volumes,
+            update,
+        )
+    out.print(Path(outcome.outputs["table"]).read_text(), highlight=False, markup=False)
+    for name, path in outcome.outputs.items():
+        out.print(f"{name}: {path}", highlight=False)
+    out.print(f"mlflow run: {outcome.run_id}   time: {outcome.seconds:.0f} s", highlight=False)
+
+
+def _join_method_specs(specs: list[str]) -> list[str]:
+    """Re-join 'NAME:L=1,s=2' specs that the ',' split cut into 'NAME:L=1' and 's=2'."""
+    joined: list[str] = []
+    for spec in specs:
+        if joined and "=" in spec and ":" not in spec and ":" in joined[-1]:
+            joined[-1] += "," + spec
+        else:
+            joined.append(spec)
+    return joined
+
+
+@app.command()
+@_one_line_errors
 def demo(
     work_dir: Annotated[Path, typer.Option("--work-dir", help="Where the demo dataset and runs go.")] = Path(
         "adiff_demo"

@@ -94,6 +94,91 @@ def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(bundle.classifier(x, t).float(), dim=1)[:, HEALTHY]
 
 
+def _eps_fn(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    device = next(bundle.unet.parameters()).device
+    unet = bundle.unet
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            return unet(x_t, t).float()
+
+    return eps_fn
+
+
+def encode_slices(
+    bundle: ModelBundle,
+    x: torch.Tensor,
+    noise_level: int,
+    steps: int | None = None,
+    batch_size: int = 32,
+    amp: bool = True,
+) -> torch.Tensor:
+    """x_L = ddim_encode(eps_theta, x, L) for model-size slices x (N, C, S, S), batch by batch.
+
+    Runs under `torch.inference_mode` (no guidance, no gradients). Returns x_L (N, C, S, S) on
+    the CPU, so several decodings (e.g. guidance scales) can share one encoding.
+    """
+    device = next(bundle.unet.parameters()).device
+    eps_fn = _eps_fn(bundle, amp)
+    encoded = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start : start + batch_size].to(device)
+            encoded.append(ddim_encode(eps_fn, batch, bundle.schedule, noise_level, steps).cpu())
+    return torch.cat(encoded) if encoded else x.clone()
+
+
+def decode_slices(
+    bundle: ModelBundle,
+    x_L: torch.Tensor,
+    noise_level: int,
+    scale: float,
+    steps: int | None = None,
+    batch_size: int = 32,
+    amp: bool = True,
+    progress: SliceProgress | None = None,
+) -> torch.Tensor:
+    """x_healthy = ddim_decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
+
+    Only the classifier's input gradient is computed (see `classifier_grad_fn`); with s = 0 the
+    decoding is plain DDIM and runs under `torch.inference_mode`.
+    """
+    device = next(bundle.unet.parameters()).device
+    eps_fn = _eps_fn(bundle, amp)
+    guided = guided_eps_fn(eps_fn, classifier_grad_fn(bundle.classifier, HEALTHY), bundle.schedule, scale)
+    decoded = []
+    for start in range(0, x_L.shape[0], batch_size):
+        batch = x_L[start : start + batch_size].to(device)
+        if scale == 0:
+            with torch.inference_mode():
+                decoded.append(ddim_decode(guided, batch, bundle.schedule, noise_level, steps).cpu())
+        else:
+            decoded.append(ddim_decode(guided, batch, bundle.schedule, noise_level, steps).cpu())
+        if progress is not None:
+            progress(min(start + batch_size, x_L.shape[0]), x_L.shape[0])
+    return torch.cat(decoded) if decoded else x_L.clone()
+
+
+def p_healthy_batched(bundle: ModelBundle, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """`p_healthy` of (N, C, S, S) slices, batch by batch on the bundle's device -> (N,) on the CPU."""
+    device = next(bundle.unet.parameters()).device
+    parts = [p_healthy(bundle, x[s : s + batch_size].to(device)).cpu() for s in range(0, x.shape[0], batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def slice_explanation(
+    bundle: ModelBundle, x: torch.Tensor, x_healthy: torch.Tensor, batch_size: int = 32
+) -> SliceExplanation:
+    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy))."""
+    return SliceExplanation(
+        x=x,
+        x_healthy=x_healthy,
+        anomaly_map=(x - x_healthy).abs().sum(dim=1),
+        p_healthy_before=p_healthy_batched(bundle, x, batch_size),
+        p_healthy_after=p_healthy_batched(bundle, x_healthy, batch_size),
+    )
+
+
 def explain_slices(
     bundle: ModelBundle,
     x: torch.Tensor,
@@ -104,33 +189,55 @@ def explain_slices(
     amp: bool = True,
     progress: SliceProgress | None = None,
 ) -> SliceExplanation:
-    """Explain model-size slices x (N, C, S, S) batch by batch on the bundle's device."""
+    """Explain model-size slices x (N, C, S, S): encode, guided decode, map, p(healthy) before/after."""
     check_explain_options(bundle, noise_level, scale, steps)
-    device = next(bundle.unet.parameters()).device
-    unet, classifier, schedule = bundle.unet, bundle.classifier, bundle.schedule
+    x_L = encode_slices(bundle, x, noise_level, steps, batch_size, amp)
+    x_healthy = decode_slices(bundle, x_L, noise_level, scale, steps, batch_size, amp, progress)
+    return slice_explanation(bundle, x, x_healthy, batch_size)
 
-    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
-            return unet(x_t, t).float()
 
-    guided = guided_eps_fn(eps_fn, classifier_grad_fn(classifier, HEALTHY), schedule, scale)
-    outputs, before, after = [], [], []
-    for start in range(0, x.shape[0], batch_size):
-        batch = x[start : start + batch_size].to(device)
-        x_L = ddim_encode(eps_fn, batch, schedule, noise_level, steps)
-        x_healthy = ddim_decode(guided, x_L, schedule, noise_level, steps)
-        outputs.append(x_healthy.cpu())
-        before.append(p_healthy(bundle, batch).cpu())
-        after.append(p_healthy(bundle, x_healthy).cpu())
-        if progress is not None:
-            progress(min(start + batch_size, x.shape[0]), x.shape[0])
-    x_healthy_all = torch.cat(outputs) if outputs else x.clone()
-    return SliceExplanation(
-        x=x,
-        x_healthy=x_healthy_all,
-        anomaly_map=(x - x_healthy_all).abs().sum(dim=1),
-        p_healthy_before=torch.cat(before) if before else torch.zeros(0),
-        p_healthy_after=torch.cat(after) if after else torch.zeros(0),
+@dataclass(frozen=True)
+class PreparedScan:
+    """A scan preprocessed as in training, ready for the model.
+
+    Attributes:
+        state: how it was preprocessed (kept slice indices, crop, intensities).
+        x: the kept slices, (N, C, S, S) in normalised units.
+        foreground: (X, Y, Z) bool, the brain/foreground mask the scores are restricted to.
+        slice_foreground: (N, S, S) bool, the same at model resolution.
+    """
+
+    state: PreprocessState
+    x: torch.Tensor
+    foreground: np.ndarray
+    slice_foreground: torch.Tensor
+
+
+def prepare_scan(bundle: ModelBundle, scan: Scan, brainmask: np.ndarray | None = None) -> PreparedScan:
+    """Preprocess a scan with the bundle's data config; the foreground is the brain mask if given."""
+    cfg = bundle.config.data
+    if scan.data.shape[0] != cfg.image_channels:
+        raise InputError(
+            f"{scan.sources[0]}: the model expects {cfg.image_channels} channel(s), the scan has {scan.data.shape[0]}"
+        )
+    state = fit_preprocess(scan.data, scan.affine, cfg, brainmask=brainmask, source=str(scan.sources[0]))
+    foreground = brainmask.astype(bool) if brainmask is not None else foreground_mask(scan.data)
+    return PreparedScan(state, to_slices(scan.data, state, cfg), foreground, mask_to_slices(foreground, state))
+
+
+def assemble_scan(scan: Scan, prepared: PreparedScan, result: SliceExplanation) -> ScanExplanation:
+    """Restrict a slice explanation's map to the foreground and map it back onto the scan's grid."""
+    state = prepared.state
+    result = replace(result, anomaly_map=result.anomaly_map * prepared.slice_foreground)
+    anomaly_map = to_input_grid(result.anomaly_map[:, None], state, fill=0.0)[0]
+    delta = denormalise_delta(to_input_grid(result.x_healthy - result.x, state, fill=0.0), state)
+    return ScanExplanation(
+        anomaly_map=np.where(prepared.foreground, np.maximum(anomaly_map, 0.0), 0.0).astype(np.float32),
+        healthy=(scan.data + delta).astype(np.float32),
+        slices=result,
+        state=state,
+        foreground=prepared.foreground,
+        slice_foreground=prepared.slice_foreground,
     )
 
 
@@ -150,25 +257,7 @@ def explain_scan(
     The anomaly map is restricted to the foreground (the brain mask when given, else the
     intensity threshold used by preprocessing): differences in the background mean nothing.
     """
-    cfg = bundle.config.data
-    if scan.data.shape[0] != cfg.image_channels:
-        raise InputError(
-            f"{scan.sources[0]}: the model expects {cfg.image_channels} channel(s), the scan has {scan.data.shape[0]}"
-        )
     check_explain_options(bundle, noise_level, scale, steps)
-    state = fit_preprocess(scan.data, scan.affine, cfg, brainmask=brainmask, source=str(scan.sources[0]))
-    x = to_slices(scan.data, state, cfg)
-    result = explain_slices(bundle, x, noise_level, scale, steps, batch_size, amp, progress)
-    foreground = brainmask.astype(bool) if brainmask is not None else foreground_mask(scan.data)
-    slice_foreground = mask_to_slices(foreground, state)
-    result = replace(result, anomaly_map=result.anomaly_map * slice_foreground)
-    anomaly_map = to_input_grid(result.anomaly_map[:, None], state, fill=0.0)[0]
-    delta = denormalise_delta(to_input_grid(result.x_healthy - result.x, state, fill=0.0), state)
-    return ScanExplanation(
-        anomaly_map=np.where(foreground, np.maximum(anomaly_map, 0.0), 0.0).astype(np.float32),
-        healthy=(scan.data + delta).astype(np.float32),
-        slices=result,
-        state=state,
-        foreground=foreground,
-        slice_foreground=slice_foreground,
-    )
+    prepared = prepare_scan(bundle, scan, brainmask)
+    result = explain_slices(bundle, prepared.x, noise_level, scale, steps, batch_size, amp, progress)
+    return assemble_scan(scan, prepared, result)

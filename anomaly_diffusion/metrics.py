@@ -6,6 +6,7 @@ Scores are restricted to a foreground (brain) mask, as is standard, and pooled o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -70,3 +71,145 @@ def pixel_metrics(anomaly_map: np.ndarray, truth: np.ndarray, foreground: np.nda
         lesion_voxels=int(labels.sum()),
         voxels=int(labels.size),
     )
+
+
+def dice_counts(tp: float, fp: float, fn: float) -> float:
+    """Dice = 2TP / (2TP + FP + FN) from counts; 1.0 when there is nothing to find and nothing found."""
+    total = 2 * tp + fp + fn
+    return 1.0 if total == 0 else 2.0 * tp / total
+
+
+def confusion_at(scores: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """(TP, FP, FN) of `scores > threshold` against a boolean mask (same shape)."""
+    predicted = scores > threshold
+    truth = truth.astype(bool)
+    return int((predicted & truth).sum()), int((predicted & ~truth).sum()), int((~predicted & truth).sum())
+
+
+def otsu(scores: np.ndarray) -> float:
+    """Otsu's threshold of a set of scores (scikit-image); +inf when they are all equal (nothing detected)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
+
+
+def per_slice_otsu_dice(scores: np.ndarray, truth: np.ndarray, slice_ids: np.ndarray) -> dict[int, float]:
+    """Dice of every slice that holds lesion voxels, each at the Otsu threshold of its own scores.
+
+    This is the protocol of Wolleb et al. 2022 (mean Dice over diseased slices). Slices without
+    lesion voxels are left out: Dice is undefined for them (see `dice` for the empty case).
+
+    Args:
+        scores: (V,) voxel scores; truth: (V,) bool lesion mask; slice_ids: (V,) slice of each voxel.
+
+    Returns:
+        {slice id: Dice} for the slices with lesion voxels.
+    """
+    order = np.argsort(slice_ids, kind="stable")
+    ids, starts = np.unique(slice_ids[order], return_index=True)
+    result: dict[int, float] = {}
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(order)
+        index = order[start:end]
+        labels = truth[index].astype(bool)
+        if labels.any():
+            result[int(ids[k])] = dice(scores[index] > otsu(scores[index]), labels)
+    return result
+
+
+def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:
+    """The threshold that flags at most a fraction `fpr` of healthy voxels (scores > threshold).
+
+    Set from voxels of lesion-free slices only, so it needs no voxel-level labels. NaN without any.
+    """
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    if healthy_scores.size == 0:
+        return float("nan")
+    return float(np.quantile(np.asarray(healthy_scores, dtype=np.float64), 1 - fpr, method="higher"))
+
+
+def slice_scores(scores: np.ndarray, slice_ids: np.ndarray, reduce: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    """One score per slice: the max or the mean of its voxel scores. Returns (slice ids, scores)."""
+    ids, inverse = np.unique(slice_ids, return_inverse=True)
+    if reduce == "max":
+        values = np.full(len(ids), -np.inf)
+        np.maximum.at(values, inverse, scores)
+    elif reduce == "mean":
+        values = np.bincount(inverse, weights=scores, minlength=len(ids)) / np.bincount(inverse, minlength=len(ids))
+    else:
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    return ids, values
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC (scikit-learn); NaN when only one class is present."""
+    labels = np.asarray(labels).astype(bool)
+    return float(roc_auc_score(labels, scores)) if labels.any() and not labels.all() else float("nan")
+
+
+def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision (scikit-learn's step-wise area under the PR curve); NaN without both classes."""
+    labels = np.asarray(labels).astype(bool)
+    return float(average_precision_score(labels, scores)) if labels.any() and not labels.all() else float("nan")
+
+
+def histogram_counts(scores: np.ndarray, truth: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion and normal voxel counts per score bin (bins are [edges[i], edges[i+1]), last closed).
+
+    Summing these over volumes gives the pooled curve of any set of volumes, which makes a
+    bootstrap over volumes cheap (`counts_metrics`).
+    """
+    index = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, len(edges) - 2)
+    truth = truth.astype(bool)
+    bins = len(edges) - 1
+    return np.bincount(index[truth], minlength=bins), np.bincount(index[~truth], minlength=bins)
+
+
+def counts_metrics(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPRC (average precision) and best Dice from binned counts (`histogram_counts`).
+
+    Thresholds sit between bins; voxels in one bin are ties. With one bin per distinct score this
+    equals scikit-learn's `roc_auc_score` and `average_precision_score`.
+    """
+    pos, neg = positives[::-1].astype(np.float64), negatives[::-1].astype(np.float64)  # high scores first
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return {"auroc": float("nan"), "auprc": float("nan"), "dice_best": float("nan")}
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    tpr, fpr = tp / n_pos, fp / n_neg
+    auroc_value = float(np.sum((fpr - np.r_[0.0, fpr[:-1]]) * (tpr + np.r_[0.0, tpr[:-1]]) / 2))
+    precision = np.divide(tp, tp + fp, out=np.ones_like(tp), where=(tp + fp) > 0)
+    auprc_value = float(np.sum((tpr - np.r_[0.0, tpr[:-1]]) * precision))
+    dice_best = float(np.max(2 * tp / (2 * tp + fp + (n_pos - tp))))
+    return {"auroc": auroc_value, "auprc": auprc_value, "dice_best": dice_best}
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float], n_items: int, n_resamples: int, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(indices)` over items (volumes) drawn with replacement.
+
+    Returns (NaN, NaN) with fewer than 2 items or no resamples.
+    """
+    if n_items < 2 or n_resamples < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n_items, n_items)) for _ in range(n_resamples)], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+SIZE_BINS_MM2 = (("small", 0.0, 100.0), ("medium", 100.0, 1000.0), ("large", 1000.0, float("inf")))
+"""Lesion area per slice: small < 1 cm^2 <= medium < 10 cm^2 <= large."""
+
+
+def size_bin(area_mm2: float) -> str:
+    """The name of the size bin of a slice's lesion area (in mm^2)."""
+    for name, low, high in SIZE_BINS_MM2:
+        if low <= area_mm2 < high:
+            return name
+    raise ValueError(f"lesion area must be >= 0, got {area_mm2}")

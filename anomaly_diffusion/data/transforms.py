@@ -71,6 +71,28 @@ def _inverse(transform: np.ndarray) -> np.ndarray:
     return inverse
 
 
+def to_plane_stack(volume: np.ndarray, state: PreprocessState) -> np.ndarray:
+    """A volume on the input grid (X, Y, Z) -> (A, B, N): canonical in-plane axes, slices last.
+
+    Slice k of the result is slice number k of `state` (as in `state.kept`), uncropped and at
+    the input's resolution: the view in which per-slice scores are computed.
+    """
+    return _to_plane_stack(volume, state.to_canonical, state.slice_axis)
+
+
+def in_plane_pixel_area(affine: np.ndarray, state: PreprocessState) -> float:
+    """Area in mm^2 of one input voxel in the slicing plane (the two axes other than the slice axis)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    through = [i for i in range(3) if int(state.to_canonical[i, 0]) == state.slice_axis]
+    return float(np.prod([spacing[i] for i in range(3) if i not in through]))
+
+
+def explained_region(state: PreprocessState) -> np.ndarray:
+    """Voxels of the input grid the model saw (kept slices, inside the crop box), (X, Y, Z) bool."""
+    ones = torch.ones(len(state.kept), 1, state.image_size, state.image_size)
+    return to_input_grid(ones, state, fill=0.0)[0] > 0.5
+
+
 def foreground_mask(data: np.ndarray) -> np.ndarray:
     """Voxels clearly above background in any channel: > min + 10% of (p99 - min). data (C, *s) -> bool (*s)."""
     masks = []
