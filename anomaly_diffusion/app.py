@@ -29,6 +29,7 @@ from anomaly_diffusion.data.transforms import explained_region as region_of
 from anomaly_diffusion.data.transforms import mask_to_slices, normalise
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_sample
 from anomaly_diffusion.diffusion.schedule import make_schedule
+from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
 from anomaly_diffusion.evaluation import (
     EvaluationReport,
@@ -102,11 +103,13 @@ def run_train(
     on_data: Callable[[dict[str, dict[str, int]]], None] | None = None,
     resume: Path | None = None,
     register: str | None = None,
+    context: DistContext = SINGLE,
 ) -> TrainOutcome:
     """Load the manifest's train (and val) split, train both models in one tracked MLflow run.
 
     With `resume` (a training output folder), the config, the weights, the optimiser and RNG
     states and the MLflow run come from its `checkpoint.pt`; `cfg`, if given, must be equal.
+    Under torchrun every rank trains and only rank 0 talks to MLflow (other ranks get run_id '').
     """
     started = time.perf_counter()
     state, run_id, registered = None, None, None
@@ -116,13 +119,14 @@ def run_train(
     assert cfg is not None
     if cfg.data.manifest is None:
         raise ConfigError("data.manifest is not set; pass --set data.manifest=PATH or set it in the config")
-    make_client(tracking_uri)  # an unusable tracking store fails before any data is read
+    if context.is_main:
+        make_client(tracking_uri)  # an unusable tracking store fails before any data is read
     rows = read_manifest(cfg.data.manifest)
     train_rows = [r for r in rows if r.split == "train"]
     val_rows = [r for r in rows if r.split == "val"]
     if not train_rows:
         raise InputError(f"{cfg.data.manifest}: no subjects in the train split")
-    name = run_name or timestamped("train")
+    name = str(context.broadcast(run_name or timestamped("train")))
     out_dir = out_dir or cfg.train.output_dir / name
     data = load_slices(train_rows, cfg.data)
     val = load_slices(val_rows, cfg.data) if val_rows else None
@@ -131,12 +135,21 @@ def run_train(
         check_writable(out_dir / BUNDLE_NAME, overwrite=False)
         check_writable(out_dir / CHECKPOINT_NAME, overwrite=False)
     summary = {"train": data.summary(), **({"val": val.summary()} if val is not None else {})}
-    if on_data is not None:
+    if on_data is not None and context.is_main:
         on_data(summary)
+    if not context.is_main:
+        result = train(cfg, data, out_dir, val, resume=state, context=context)
+        return TrainOutcome("", out_dir, result, summary, time.perf_counter() - started)
     with tracked_run(tracking_uri, cfg.tracking.experiment, name, "train", resume_run_id=run_id) as run:
         if resume is None:
             run.log_params(flatten(cfg.model_dump(mode="json")))
             run.log_params({f"dataset.{split}.{k}": v for split, counts in summary.items() for k, v in counts.items()})
+            run.log_params(
+                {
+                    "train.world_size": context.world_size,
+                    "train.global_batch_size": cfg.train.batch_size * context.world_size,
+                }
+            )
             run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
             run.log_dict(summary, "dataset_summary.json")
         observer = _snapshot_observer(cfg, val if val is not None else data, out_dir / "snapshots", run)
@@ -150,6 +163,7 @@ def run_train(
             train_run_id=run.run_id,
             resume=state,
             observer=observer,
+            context=context,
         )
         run.log_metrics(result.classifier_accuracy)
         run.log_artifact(result.bundle_path, "model")
@@ -498,7 +512,8 @@ def run_evaluate(
     overwrite: bool = False,
     max_volumes: int | None = None,
     progress: EvaluateProgress | None = None,
-) -> EvaluateOutcome:
+    context: DistContext = SINGLE,
+) -> EvaluateOutcome | None:
     """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
 
     Args:
@@ -509,6 +524,8 @@ def run_evaluate(
             None: leave one volume out (Dice) and this split's lesion-free slices (FPR).
         median_size: in-plane median filter of every map (0 or 1 = none).
         max_volumes: evaluate only the first N volumes of each split (quick looks).
+        context: under torchrun, each rank scores every world_size-th volume and rank 0 gathers
+            them, reports and logs; other ranks return None.
     """
     started = time.perf_counter()
     if median_size < 0 or median_size > 15:
@@ -550,8 +567,21 @@ def run_evaluate(
     for path in outputs.values():
         check_writable(path, overwrite)
     batch = batch_size or cfg.explain.batch_size
-    volumes = _score_split(bundle, eval_rows, parsed, batch, median_size, progress)
-    threshold_volumes = _score_split(bundle, threshold_rows, parsed, batch, median_size, progress) or None
+
+    def scored(split_rows: list[ManifestRow]) -> list[VolumeScores]:
+        mine = _score_split(bundle, context.shard_list(split_rows), parsed, batch, median_size, progress)
+        shards = context.gather(mine)
+        if not context.is_main:
+            return []
+        # rank r scored rows r, r + N, ...: interleave back into manifest order
+        order = [i for r in range(context.world_size) for i in range(r, len(split_rows), context.world_size)]
+        flat = [v for shard in shards for v in shard]  # type: ignore[attr-defined]
+        return [v for _, v in sorted(zip(order, flat, strict=True), key=lambda item: item[0])]
+
+    volumes = scored(eval_rows)
+    threshold_volumes = scored(threshold_rows) or None
+    if not context.is_main:
+        return None
     report = evaluate(
         volumes, parsed, split, threshold_volumes, fprs, bootstrap, median_size, cfg.train.seed, threshold_split
     )

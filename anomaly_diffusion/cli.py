@@ -49,6 +49,14 @@ def _uri(option: str | None, configured: str | None = None) -> str:
     return option or configured or DEFAULT_TRACKING_URI
 
 
+def _distributed_context() -> Any:
+    """The torchrun rank of this process (RANK/WORLD_SIZE/LOCAL_RANK), joined to its process group."""
+    from anomaly_diffusion.distributed import init_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return init_distributed(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _quiet_library_logs() -> None:
     # nibabel logs header "fixes" of odd files and alembic logs migrations: not for users' eyes
     for name in ("nibabel", "alembic", "mlflow"):
@@ -133,6 +141,7 @@ def train(
     """Train the DDPM and the noise-aware classifier on a manifest; save a model bundle."""
     from anomaly_diffusion.app import resolve_config_path, run_train
     from anomaly_diffusion.config import load_config
+    from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.errors import TrackingError
     from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI, make_client
 
@@ -150,8 +159,15 @@ def train(
         for split, counts in summary.items():
             console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
 
-    with _progress() as progress:
-        outcome = run_train(cfg, uri, out_dir, run_name, _phase_progress(progress), on_data, resume, register)
+    context = _distributed_context()
+    try:
+        with _progress() as progress:
+            phase_progress = _phase_progress(progress) if context.is_main else None
+            outcome = run_train(cfg, uri, out_dir, run_name, phase_progress, on_data, resume, register, context)
+    finally:
+        shutdown(context)
+    if not context.is_main:
+        return
     result = outcome.result
     out.print(f"bundle: {result.bundle_path}", highlight=False)
     out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
@@ -294,6 +310,7 @@ def evaluate(
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
     from anomaly_diffusion.app import find_latest_bundle, run_evaluate
+    from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.errors import ConfigError
 
     if device not in ("auto", "cpu", "cuda"):
@@ -314,23 +331,30 @@ def evaluate(
         def update(done: int, total: int, subject: str, method: str) -> None:
             progress.update(task, completed=done, total=total, info=f"{subject} {method}")
 
-        outcome = run_evaluate(
-            manifest,
-            bundle_path,
-            out_dir,
-            _uri(tracking_uri),
-            split,
-            specs,
-            threshold_split,
-            median_filter,
-            fprs,
-            bootstrap,
-            batch_size,
-            device,
-            overwrite,
-            max_volumes,
-            update,
-        )
+        context = _distributed_context()
+        try:
+            outcome = run_evaluate(
+                manifest,
+                bundle_path,
+                out_dir,
+                _uri(tracking_uri),
+                split,
+                specs,
+                threshold_split,
+                median_filter,
+                fprs,
+                bootstrap,
+                batch_size,
+                device,
+                overwrite,
+                max_volumes,
+                update if context.is_main else None,
+                context,
+            )
+        finally:
+            shutdown(context)
+    if outcome is None:
+        return
     out.print(Path(outcome.outputs["table"]).read_text(), highlight=False, markup=False)
     for name, path in outcome.outputs.items():
         out.print(f"{name}: {path}", highlight=False)

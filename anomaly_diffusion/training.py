@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from anomaly_diffusion.config import Config
 from anomaly_diffusion.data.datasets import SliceDataset
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
+from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import AdiffError, InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.models.bundle import atomic_torch_save, bundle_dict, save_bundle
@@ -89,12 +90,26 @@ def _check_finite(loss: torch.Tensor, phase: str, step: int) -> float:
     return value
 
 
-def ddpm_loss(unet: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Simple DDPM loss (Ho 2020, eq. 14) on a batch x_0 (B, C, *spatial)."""
-    t = torch.randint(0, schedule.num_timesteps, (x_0.shape[0],), generator=generator).to(x_0.device)
-    noise = torch.randn(x_0.shape, generator=generator).to(x_0.device)
+def ddpm_loss(
+    unet: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Simple DDPM loss (Ho 2020, eq. 14): ||eps - eps_theta(x_t, t)||^2 with x_t = q_sample(x_0, t, eps).
+
+    Args:
+        x_0: clean images (B, C, *spatial); t: timesteps (B,); noise: eps, same shape as x_0.
+    """
     x_t = q_sample(schedule, x_0, t, noise)
     return F.mse_loss(unet(x_t, t).float(), noise)
+
+
+def ddpm_batch(
+    pool: torch.Tensor, size: int, schedule: NoiseSchedule, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A DDPM training batch drawn from the generator: (x_0, t ~ U{0..T-1}, eps ~ N(0, I)), on device."""
+    x_0 = _batch(pool, size, generator, device)
+    t = torch.randint(0, schedule.num_timesteps, (size,), generator=generator).to(device)
+    noise = torch.randn(x_0.shape, generator=generator).to(device)
+    return x_0, t, noise
 
 
 def _batch(images: torch.Tensor, size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -169,8 +184,12 @@ def train_ddpm(
     sink: MetricSink | None = None,
     progress: Progress | None = None,
     checkpoint: Checkpoint | None = None,
+    context: DistContext = SINGLE,
 ) -> tuple[nn.Module, float]:
-    """Train eps_theta on the configured slices from `phase.step`; returns (EMA UNet, last mean loss)."""
+    """Train eps_theta on the configured slices from `phase.step`; returns (EMA UNet, last mean loss).
+
+    Each step draws a global batch of batch_size x world_size and trains on this rank's shard.
+    """
     tc = cfg.train
     pool = data.images if cfg.data.ddpm_train_on == "all" else data.images[data.labels == HEALTHY]
     if tc.ddpm_steps and pool.shape[0] == 0:
@@ -178,13 +197,15 @@ def train_ddpm(
     phase = phase or ddpm_phase(cfg, device)
     assert phase.ema is not None
     unet, generator = phase.model, phase.generator
+    model = context.wrap(unet, device)
     running: list[float] = []
     last = float("nan")
     for step in range(phase.step + 1, tc.ddpm_steps + 1):
         unet.train()
+        x_0, t, noise = ddpm_batch(pool, tc.batch_size * context.world_size, schedule, generator, device)
         with autocast(device, tc.amp):
-            loss = ddpm_loss(unet, schedule, _batch(pool, tc.batch_size, generator, device), generator)
-        running.append(_check_finite(loss, "DDPM", step))
+            loss = ddpm_loss(model, schedule, context.shard(x_0), context.shard(t), context.shard(noise))
+        running.append(_check_finite(context.mean(loss), "DDPM", step))
         grad_norm = _optimise(loss, unet, phase.optimiser, phase.scaler, tc.grad_clip)
         phase.ema.update_parameters(unet)
         phase.step = step
@@ -243,8 +264,11 @@ def train_classifier(
     sink: MetricSink | None = None,
     progress: Progress | None = None,
     checkpoint: Checkpoint | None = None,
+    context: DistContext = SINGLE,
 ) -> tuple[NoiseAwareClassifier, float, dict[str, float]]:
     """Train p(y | x_t, t) on class-balanced batches from `phase.step`.
+
+    Each step draws a global batch of batch_size x world_size and trains on this rank's shard.
 
     Returns:
         (classifier, last mean loss, accuracy by t-quartile on `val` or the training data).
@@ -261,26 +285,29 @@ def train_classifier(
     assert isinstance(classifier, NoiseAwareClassifier)
     max_t = schedule.num_timesteps - 1 if tc.classifier_max_timestep is None else tc.classifier_max_timestep
     t_high = min(schedule.num_timesteps - 1, max_t) + 1
-    half = max(tc.batch_size // 2, 1)
-    labels = torch.cat([torch.full((half,), HEALTHY), torch.full((tc.batch_size - half,), PATHOLOGICAL)]).to(device)
+    size = tc.batch_size * context.world_size
+    half = max(size // 2, 1)
+    labels = torch.cat([torch.full((half,), HEALTHY), torch.full((size - half,), PATHOLOGICAL)]).to(device)
+    model = context.wrap(classifier, device)
     running_loss: list[float] = []
     running_correct: list[float] = []
     last = float("nan")
     for step in range(phase.step + 1, tc.classifier_steps + 1):
         classifier.train()
         x_0 = torch.cat(
-            [_batch(healthy, half, generator, device), _batch(pathological, tc.batch_size - half, generator, device)]
+            [_batch(healthy, half, generator, device), _batch(pathological, size - half, generator, device)]
         )
         if tc.classifier_flip:
             flip = torch.rand(x_0.shape[0], generator=generator).to(device) < 0.5
             x_0 = torch.where(flip.reshape(-1, *([1] * (x_0.dim() - 1))), x_0.flip(-1), x_0)
         t = torch.randint(0, t_high, (x_0.shape[0],), generator=generator).to(device)
         x_t = q_sample(schedule, x_0, t, torch.randn(x_0.shape, generator=generator).to(device))
+        x_t, t, y = context.shard(x_t), context.shard(t), context.shard(labels)
         with autocast(device, tc.amp):
-            logits = classifier(x_t, t).float()
-            loss = F.cross_entropy(logits, labels)
-        running_loss.append(_check_finite(loss, "classifier", step))
-        running_correct.append(float((logits.argmax(dim=1) == labels).float().mean()))
+            logits = model(x_t, t).float()
+            loss = F.cross_entropy(logits, y)
+        running_loss.append(_check_finite(context.mean(loss), "classifier", step))
+        running_correct.append(float(context.mean((logits.argmax(dim=1) == y).float().mean())))
         _optimise(loss, classifier, phase.optimiser, phase.scaler, tc.grad_clip)
         phase.step = step
         if step % tc.log_every == 0 or step == tc.classifier_steps:
@@ -319,6 +346,7 @@ def train(
     train_run_id: str | None = None,
     resume: dict[str, Any] | None = None,
     observer: Callable[[int, nn.Module], None] | None = None,
+    context: DistContext = SINGLE,
 ) -> TrainResult:
     """Train both models and write `out_dir/bundle.pt`.
 
@@ -327,8 +355,13 @@ def train(
     generators, steps, the global RNG). `resume` takes that `train_state` and continues exactly
     where it stopped; a kill loses at most one checkpoint interval. `observer(step, ema_unet)` is
     called at every DDPM checkpoint and when the DDPM is done (for sample/reconstruction figures).
+
+    Under torchrun (`context.active`) every rank trains its shard of each global batch; only rank
+    0 writes the checkpoint and the bundle and calls the observer.
     """
     device = resolve_device(cfg.train.device)
+    if context.active and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
     schedule = make_schedule(
         cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end
     )
@@ -341,6 +374,8 @@ def train(
     def checkpoint(phase_name: str) -> Checkpoint:
         def save(step: int) -> None:
             assert ddpm.ema is not None
+            if not context.is_main:
+                return
             state = {
                 "phase": phase_name,
                 "ddpm": ddpm.state_dict(),
@@ -364,13 +399,22 @@ def train(
 
     observed: list[int] = []
 
-    unet, ddpm_last = train_ddpm(cfg, schedule, data, device, ddpm, sink, progress, checkpoint("ddpm"))
-    if observer is not None and cfg.train.ddpm_steps not in observed and (resume is None or resume["phase"] == "ddpm"):
+    unet, ddpm_last = train_ddpm(cfg, schedule, data, device, ddpm, sink, progress, checkpoint("ddpm"), context)
+    if (
+        context.is_main
+        and observer is not None
+        and cfg.train.ddpm_steps not in observed
+        and (resume is None or resume["phase"] == "ddpm")
+    ):
         observer(cfg.train.ddpm_steps, unet)
     classifier, classifier_last, accuracy = train_classifier(
-        cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier")
+        cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier"), context
     )
-    bundle_path = save_bundle(
+    bundle_path = out_dir / BUNDLE_NAME
+    if not context.is_main:
+        context.barrier()  # rank 0 writes the bundle
+        return TrainResult(bundle_path, ddpm_last, classifier_last, accuracy)
+    save_bundle(
         out_dir / BUNDLE_NAME,
         config=cfg,
         schedule=schedule,
@@ -380,4 +424,5 @@ def train(
         extra={"complete": True, "train_summary": {k: int(v) for k, v in data.summary().items()}},
     )
     (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    context.barrier()
     return TrainResult(bundle_path, ddpm_last, classifier_last, accuracy)
