@@ -42,7 +42,13 @@ from anomaly_diffusion.evaluation import (
     report_markdown,
     score_volume,
 )
-from anomaly_diffusion.explain import ScanExplanation, check_explain_options, explain_scan
+from anomaly_diffusion.explain import (
+    ScanExplanation,
+    auto_batch_size,
+    check_explain_options,
+    explain_scan,
+    prepare_for_inference,
+)
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.metrics import PixelMetrics, per_slice_otsu_dice, pixel_metrics
 from anomaly_diffusion.models.bundle import ModelBundle, load_bundle, read_bundle_file
@@ -301,6 +307,7 @@ def run_explain(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     threshold: float | None = None,
+    compile_networks: bool = False,
 ) -> ExplainOutcome:
     """Explain one scan with a bundle file or a registered model (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
 
@@ -309,10 +316,11 @@ def run_explain(
     started = time.perf_counter()
     bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
     cfg = bundle.config
+    bundle = prepare_for_inference(bundle, compile_networks or cfg.explain.compile)
     noise_level = cfg.explain.noise_level if noise_level is None else noise_level
     scale = cfg.explain.scale if scale is None else scale
     steps = cfg.explain.steps if steps is None else steps
-    batch_size = batch_size or cfg.explain.batch_size
+    batch_size = batch_size or cfg.explain.batch_size or auto_batch_size(bundle)
     check_explain_options(bundle, noise_level, scale, steps)
     scan = load_scan(list(scans), expected_channels=cfg.data.image_channels)
     truth = read_mask(mask, scan) if mask is not None else None
@@ -513,6 +521,7 @@ def run_evaluate(
     max_volumes: int | None = None,
     progress: EvaluateProgress | None = None,
     context: DistContext = SINGLE,
+    compile_networks: bool = False,
 ) -> EvaluateOutcome | None:
     """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
 
@@ -542,6 +551,7 @@ def run_evaluate(
         )
     bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
     cfg = bundle.config
+    bundle = prepare_for_inference(bundle, compile_networks or cfg.explain.compile)
     parsed = [parse_method(m, cfg) for m in methods]
     check_methods(parsed, bundle)
     rows = read_manifest(manifest)
@@ -566,7 +576,7 @@ def run_evaluate(
     }
     for path in outputs.values():
         check_writable(path, overwrite)
-    batch = batch_size or cfg.explain.batch_size
+    batch = batch_size or cfg.explain.batch_size or auto_batch_size(bundle)
 
     def scored(split_rows: list[ManifestRow]) -> list[VolumeScores]:
         mine = _score_split(bundle, context.shard_list(split_rows), parsed, batch, median_size, progress)

@@ -212,6 +212,9 @@ def explain(
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Anomaly volume threshold (default: Otsu on this scan).")
     ] = None,
+    compile_networks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
+    ] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
@@ -242,6 +245,7 @@ def explain(
             device,
             update,
             threshold,
+            compile_networks,
         )
     _print_explain(outcome)
 
@@ -306,6 +310,9 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    compile_networks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
+    ] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
@@ -350,6 +357,7 @@ def evaluate(
                 max_volumes,
                 update if context.is_main else None,
                 context,
+                compile_networks,
             )
         finally:
             shutdown(context)

@@ -112,6 +112,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    compile: bool = False  # torch.compile both networks (minutes to compile; pays off on long GPU runs)
     output_dir: Path = Path("adiff_runs")
 
 
@@ -121,7 +122,8 @@ class ExplainConfig(_Strict):
     noise_level: int = Field(500, ge=1)
     scale: float = Field(100.0, ge=0)
     steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=0)  # 0: as many slices as fit in free GPU memory (32 on CPU)
+    compile: bool = False  # torch.compile both networks for explain (pays off for many volumes)
     montage_slices: int = Field(4, ge=1)
     threshold: float | None = None  # anomaly volume threshold; None = Otsu over the scan's foreground scores
 

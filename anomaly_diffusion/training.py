@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,11 @@ def _optimise(
     scaler.step(optimiser)
     scaler.update()
     return grad_norm
+
+
+def _compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """`torch.compile(model)` when enabled (train.compile); the weights stay those of `model`."""
+    return cast(nn.Module, torch.compile(model)) if enabled else model
 
 
 def _check_finite(loss: torch.Tensor, phase: str, step: int) -> float:
@@ -197,7 +202,7 @@ def train_ddpm(
     phase = phase or ddpm_phase(cfg, device)
     assert phase.ema is not None
     unet, generator = phase.model, phase.generator
-    model = context.wrap(unet, device)
+    model = _compiled(context.wrap(unet, device), tc.compile)
     running: list[float] = []
     last = float("nan")
     for step in range(phase.step + 1, tc.ddpm_steps + 1):
@@ -288,7 +293,7 @@ def train_classifier(
     size = tc.batch_size * context.world_size
     half = max(size // 2, 1)
     labels = torch.cat([torch.full((half,), HEALTHY), torch.full((size - half,), PATHOLOGICAL)]).to(device)
-    model = context.wrap(classifier, device)
+    model = _compiled(context.wrap(classifier, device), tc.compile)
     running_loss: list[float] = []
     running_correct: list[float] = []
     last = float("nan")

@@ -1,0 +1,337 @@
+"""Speed benchmark: explain and training throughput, against their floor and a naive MONAI loop.
+
+    python benchmarks/speed.py                 # 64x64 and 128x128, as in the README's table
+    python benchmarks/speed.py --sizes 64 --quick
+
+Prints, for a fixed model (the UNet and classifier of configs/brats64.yaml, one channel, weights
+randomised so no output is trivially zero) and a synthetic 155-slice head volume:
+
+- explain slices/s for the whole volume (`explain_scan`: preprocessing, encode, guided decode,
+  p(healthy), mapping back), L = 500 with strided steps (K = 50) and full steps (K = L, on a
+  subset of slices: it is 10x the work);
+- the floor: the number of UNet and classifier evaluations times their measured cost at the
+  same batch sizes, and wall time / floor;
+- a naive reference written here as MONAI's classifier-guidance tutorial does it (one slice at
+  a time, `DDIMScheduler.reversed_step` to encode and `step` with the guidance term to decode),
+  at the same timesteps, on a few slices; the speed-up of adiff over it and the largest
+  difference between their outputs (MONAI's scheduler ends at alpha_bar_0 instead of the clean
+  level 1, which is the only intended difference);
+- training images/s of adiff's DDPM loop against a plain MONAI loop (DDPMScheduler.add_noise,
+  MSE, AdamW) on the same UNet and batch;
+- peak memory of each measurement: each runs in its own process (peak RSS on CPU, peak CUDA
+  memory on a GPU).
+Nothing here is a test: numbers vary with the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _bundle(size: int) -> Any:
+    """The fixed model: brats64's networks, 1 channel, at `size`, with randomised output layers."""
+    from pathlib import Path
+
+    from anomaly_diffusion.config import config_from_dict, load_config
+    from anomaly_diffusion.diffusion.schedule import make_schedule
+    from anomaly_diffusion.models.bundle import ModelBundle
+    from anomaly_diffusion.models.networks import build_classifier, build_unet
+
+    root = Path(__file__).resolve().parent.parent
+    base = load_config(root / "configs" / "brats64.yaml").model_dump(mode="json")
+    base["data"]["image_channels"] = 1
+    base["data"]["image_size"] = size
+    cfg = config_from_dict(base)
+    torch.manual_seed(0)
+    unet = build_unet(cfg.unet, 1)
+    for parameter in unet.out.parameters():  # MONAI zero-initialises it: eps = 0 would make DDIM trivial
+        torch.nn.init.normal_(parameter, std=0.05)
+    classifier = build_classifier(cfg.classifier, 1)
+    device = _device()
+    for module in (unet, classifier):
+        module.to(device).eval().requires_grad_(False)
+    schedule = make_schedule(cfg.schedule.kind, cfg.schedule.num_timesteps)
+    return ModelBundle(cfg, schedule, unet, classifier, "bench", None, {})
+
+
+def _head_scan(slices: int = 155) -> Any:
+    """A synthetic 240x240xN head (ellipsoid brain with texture, zero background) as a `Scan`."""
+    from pathlib import Path
+
+    from anomaly_diffusion.data.io import Scan
+
+    rng = np.random.default_rng(0)
+    shape = (240, 240, slices)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    brain = (grid[0] ** 2 / 0.6 + grid[1] ** 2 / 0.75 + grid[2] ** 2 / 0.9) < 1
+    data = np.where(brain, 100 + 10 * rng.standard_normal(shape), 0).astype(np.float32)[None]
+    return Scan(data, np.eye(4), shape, None, (Path("synthetic.nii.gz"),))
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_size: int) -> dict[str, Any]:
+    """Explain the synthetic volume (or its first max_slices kept slices); wall time vs floor."""
+    from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn
+    from anomaly_diffusion.explain import assemble_scan, explain_slices, p_healthy, prepare_scan
+    from anomaly_diffusion.labels import HEALTHY
+
+    bundle = _bundle(size)
+    scan = _head_scan()
+    noise_level = 500
+    k = steps or noise_level
+    device = _device()
+    started = time.perf_counter()
+    prepared = prepare_scan(bundle, scan)
+    x = prepared.x if max_slices is None else prepared.x[:max_slices]
+    result = explain_slices(bundle, x, noise_level, 100.0, steps, batch_size, amp=True)
+    if max_slices is None:
+        assemble_scan(scan, prepared, result)
+    _sync()
+    wall = time.perf_counter() - started
+    # the floor: the network evaluations this run needs, at the batch sizes it used
+    unet, classifier, schedule = bundle.unet, bundle.classifier, bundle.schedule
+    guided = guided_eps_fn(lambda x_t, t: unet(x_t, t), classifier_grad_fn(classifier, HEALTHY), schedule, 100.0)
+    sizes = [min(batch_size, len(x) - s) for s in range(0, len(x), batch_size)]
+    floor = 0.0
+    for b in sorted(set(sizes)):
+        xb = torch.randn(b, 1, size, size, device=device)
+        tb = torch.full((b,), 250, device=device, dtype=torch.long)
+
+        def unet_eval(xb: torch.Tensor = xb, tb: torch.Tensor = tb) -> None:
+            with torch.inference_mode():
+                unet(xb, tb)
+
+        def guided_eval(xb: torch.Tensor = xb, tb: torch.Tensor = tb) -> None:
+            with torch.no_grad():
+                guided(xb, tb)
+
+        def classify(xb: torch.Tensor = xb) -> None:
+            p_healthy(bundle, xb)
+
+        cost = k * _median_time(unet_eval, 3) + k * _median_time(guided_eval, 3) + 2 * _median_time(classify, 3)
+        floor += cost * sizes.count(b)
+    return {
+        "size": size,
+        "steps": k,
+        "slices": len(x),
+        "volume_slices": scan.data.shape[-1],
+        "wall_s": wall,
+        "slices_per_s": len(x) / wall,
+        "floor_s": floor,
+        "ratio": wall / floor,
+        "peak_mb": _peak_memory_mb(),
+    }
+
+
+def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) -> dict[str, Any]:
+    """MONAI-tutorial loop, one slice at a time, against adiff on the same slices and timesteps."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    from anomaly_diffusion.explain import explain_slices, prepare_scan
+    from anomaly_diffusion.labels import HEALTHY
+
+    bundle = _bundle(size)
+    prepared = prepare_scan(bundle, _head_scan())
+    middle = len(prepared.x) // 2
+    # adiff explains one full batch around the middle; the naive loop the first n_slices of it
+    batch = prepared.x[max(middle - batch_size // 2, 0) :][:batch_size]
+    x = batch[:n_slices]
+    noise_level, scale = 500, 100.0
+    k = steps or noise_level
+    stride = noise_level // k
+    scheduler = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+    scheduler.set_timesteps(1000 // stride)
+    unet, classifier = bundle.unet, bundle.classifier
+    device = _device()
+    started = time.perf_counter()
+    outputs = []
+    for i in range(len(x)):
+        current = x[i : i + 1].to(device)
+        for t in range(0, noise_level, stride):  # encode: level t -> t + stride
+            with torch.no_grad():
+                eps = unet(current, torch.tensor([t], device=device))
+            current, _ = scheduler.reversed_step(eps, t, current)
+        for t in range(noise_level, 0, -stride):  # decode with guidance: t -> t - stride
+            with torch.no_grad():
+                eps = unet(current, torch.tensor([t], device=device))
+            with torch.enable_grad():
+                x_in = current.detach().requires_grad_(True)
+                log_p = torch.log_softmax(classifier(x_in, torch.tensor([t], device=device)), dim=-1)[:, HEALTHY]
+                grad = torch.autograd.grad(log_p.sum(), x_in)[0]
+            alpha_bar = scheduler.alphas_cumprod[t].to(device)
+            current, _ = scheduler.step(eps - scale * (1 - alpha_bar).sqrt() * grad, t, current)
+        outputs.append(current.detach().cpu())
+    _sync()
+    naive_wall = time.perf_counter() - started
+    naive = torch.cat(outputs)
+    started = time.perf_counter()
+    ours = explain_slices(bundle, batch, noise_level, scale, steps, batch_size, amp=False).x_healthy[:n_slices]
+    _sync()
+    ours_wall = time.perf_counter() - started
+    return {
+        "size": size,
+        "steps": k,
+        "slices": len(x),
+        "naive_s_per_slice": naive_wall / len(x),
+        "adiff_s_per_slice": ours_wall / len(batch),
+        "speedup": (naive_wall / len(x)) / (ours_wall / len(batch)),
+        "max_abs_diff": float((naive - ours).abs().max()),
+        "peak_mb": _peak_memory_mb(),
+    }
+
+
+def measure_training(size: int, batch_size: int, n_steps: int, plain: bool) -> dict[str, Any]:
+    """Images/s of adiff's DDPM training step, or of a plain MONAI loop on the same UNet."""
+    import torch.nn.functional as F
+    from monai.networks.schedulers import DDPMScheduler
+
+    from anomaly_diffusion.config import config_from_dict
+    from anomaly_diffusion.data.datasets import SliceDataset
+    from anomaly_diffusion.training import ddpm_phase, train_ddpm
+
+    bundle = _bundle(size)
+    device = _device()
+    images = torch.randn(512, 1, size, size)
+    data = SliceDataset(
+        images,
+        torch.zeros(512, dtype=torch.long),
+        torch.zeros(512, size, size, dtype=torch.bool),
+        np.array(["s"] * 512),
+    )
+    base = bundle.config.model_dump(mode="json")
+    base["train"]["batch_size"] = batch_size
+    warm = config_from_dict(base, ["train.ddpm_steps=3", "train.log_every=1000"])
+    timed = config_from_dict(base, [f"train.ddpm_steps={3 + n_steps}", "train.log_every=1000"])
+    phase = ddpm_phase(warm, device)
+    unet, optimiser = phase.model, phase.optimiser
+    scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta")
+
+    def adiff_run(cfg: Any) -> None:
+        train_ddpm(cfg, bundle.schedule, data, device, phase)  # the real loop: AdamW, clipping, EMA, AMP on CUDA
+
+    def plain_step() -> None:
+        x_0 = images[torch.randint(0, len(images), (batch_size,))].to(device)
+        noise = torch.randn_like(x_0)
+        t = torch.randint(0, 1000, (batch_size,), device=device)
+        loss = F.mse_loss(unet(scheduler.add_noise(x_0, noise, t), t), noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    unet.train()
+    if plain:
+        for _ in range(3):
+            plain_step()
+    else:
+        adiff_run(warm)
+    _sync()
+    started = time.perf_counter()
+    if plain:
+        for _ in range(n_steps):
+            plain_step()
+    else:
+        adiff_run(timed)
+    _sync()
+    wall = time.perf_counter() - started
+    return {
+        "size": size,
+        "loop": "plain MONAI" if plain else "adiff",
+        "img_per_s": n_steps * batch_size / wall,
+        "peak_mb": _peak_memory_mb(),
+    }
+
+
+def _isolated(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run one measurement in a fresh process, so its peak memory is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="64,128")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--strided-steps", type=int, default=50)
+    parser.add_argument("--full-slices", type=int, default=32, help="Slices explained with full steps (K = L).")
+    parser.add_argument("--naive-slices", type=int, default=4)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="Skip the full-step and 128x128 volume runs.")
+    args = parser.parse_args()
+    memory = "peak CUDA MB" if torch.cuda.is_available() else "peak RSS MB"
+    print(f"device: {_device()}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    print(f"\n| explain (L=500, s=100) | size | K | slices | wall s | slices/s | floor s | wall/floor | {memory} |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
+        runs = [("whole volume", args.strided_steps, None)]
+        if not args.quick:
+            runs.append((f"first {args.full_slices} slices", None, args.full_slices))
+        for label, steps, limit in runs:
+            if args.quick and size != sizes[0]:
+                continue
+            r = _isolated(measure_explain, size, steps, limit, args.batch_size)
+            print(
+                f"| {label} ({r['volume_slices']}-slice volume) | {size} | {r['steps']} | {r['slices']} | "
+                f"{r['wall_s']:.1f} | {r['slices_per_s']:.2f} | {r['floor_s']:.1f} | {r['ratio']:.2f} | "
+                f"{r['peak_mb']:.0f} |",
+                flush=True,
+            )
+    print(
+        f"\n| naive MONAI loop (batch 1) vs adiff (batch {args.batch_size}) | size | K | slices compared | "
+        f"naive s/slice | adiff s/slice | speed-up | "
+        f"max abs diff | {memory} (naive+adiff) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    for size in sizes[:1]:
+        r = _isolated(measure_naive, size, args.strided_steps, args.naive_slices, args.batch_size)
+        print(
+            f"| same timesteps | {size} | {r['steps']} | {r['slices']} | {r['naive_s_per_slice']:.2f} | "
+            f"{r['adiff_s_per_slice']:.2f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.2e} | {r['peak_mb']:.0f} |",
+            flush=True,
+        )
+    print(f"\n| training (DDPM step, batch {args.batch_size // 2}) | size | img/s | {memory} |")
+    print("|---|---|---|---|", flush=True)
+    for size in sizes[:1]:
+        for plain in (False, True):
+            r = _isolated(measure_training, size, args.batch_size // 2, args.train_steps, plain)
+            print(f"| {r['loop']} | {size} | {r['img_per_s']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
