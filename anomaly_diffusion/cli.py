@@ -43,6 +43,30 @@ TrackingUri = Annotated[
 ]
 
 
+def _model_option() -> Any:
+    return typer.Option(
+        "--checkpoint",
+        "--model",
+        help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
+    )
+
+
+ModelRef = Annotated[str | None, _model_option()]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+Compile = Annotated[
+    bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
+]
+
+
+def _check_device(device: str) -> None:
+    from anomaly_diffusion.errors import ConfigError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
 def _uri(option: str | None, configured: str | None = None) -> str:
     from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
 
@@ -193,36 +217,25 @@ def explain(
     steps: Annotated[
         int | None, typer.Option("--steps", help="DDIM steps K for encode and for decode (stride L/K).")
     ] = None,
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--checkpoint",
-            "--model",
-            help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
-        ),
-    ] = None,
+    checkpoint: ModelRef = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_explain"),
     mask: Annotated[Path | None, typer.Option("--mask", help="Ground-truth lesion mask: adds Dice/AUPRC.")] = None,
     brainmask: Annotated[
         Path | None, typer.Option("--brainmask", help="Brain mask (else foreground threshold).")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Anomaly volume threshold (default: Otsu on this scan).")
     ] = None,
-    compile_networks: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
-    ] = False,
+    compile_networks: Compile = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
     from anomaly_diffusion.app import find_latest_bundle, run_explain
-    from anomaly_diffusion.errors import ConfigError
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    _check_device(device)
     bundle_path = checkpoint or find_latest_bundle(Path("adiff_runs"))
     with _progress() as progress:
         task = progress.add_task("explain slices", total=None, info="")
@@ -276,14 +289,7 @@ def _print_explain(outcome: Any) -> None:
 def evaluate(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV; the split's rows need lesion masks.")],
     split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val or test.")] = "val",
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--checkpoint",
-            "--model",
-            help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
-        ),
-    ] = None,
+    checkpoint: ModelRef = None,
     methods: Annotated[
         str,
         typer.Option(
@@ -307,12 +313,10 @@ def evaluate(
         int | None, typer.Option("--max-volumes", min=1, help="Only the first N volumes of each split.")
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_evaluate"),
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
-    compile_networks: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
-    ] = False,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    compile_networks: Compile = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
@@ -320,8 +324,7 @@ def evaluate(
     from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.errors import ConfigError
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    _check_device(device)
     if split not in ("train", "val", "test") or threshold_split not in (None, "train", "val", "test"):
         raise ConfigError("--split and --threshold-split must be train, val or test")
     try:
