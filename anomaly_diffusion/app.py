@@ -501,7 +501,7 @@ def _montage_rows(volumes: Sequence[VolumeScores], method: str) -> list[tuple[st
         return []
     ranked.sort(key=lambda item: item[0])
     picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
-    return [(f"{label}: {s} slice {k}, Dice {d:.2f}", ex) for label, (d, s, k, ex) in picks.items()]
+    return [(f"{label} slice (Dice {d:.2f})\n{s}, slice {k}", ex) for label, (d, s, k, ex) in picks.items()]
 
 
 def run_evaluate(

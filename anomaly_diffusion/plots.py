@@ -165,7 +165,7 @@ def evaluation_montage(rows: list[tuple[str, Any]], path: Path) -> Path:
         _show(axes[r, 2], example.anomaly_map, cmap="hot", vmin=0, vmax=vmax)
         _show(axes[r, 3], example.x, cmap="gray", vmin=-1, vmax=2)
         _show(axes[r, 3], np.ma.masked_equal(example.truth.astype(float), 0.0), cmap="cool", vmin=0, vmax=1, alpha=0.6)
-        axes[r, 0].set_title(title, fontsize=8)
+        axes[r, 0].set_title(title, fontsize=7)
         axes[r, 1].set_title("healthy counterfactual", fontsize=8)
         axes[r, 2].set_title("anomaly map", fontsize=8)
         axes[r, 3].set_title("ground truth", fontsize=8)
