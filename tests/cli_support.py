@@ -22,28 +22,30 @@ from anomaly_diffusion.tracking import free_port
 runner = CliRunner()
 
 
+def tiny_train_args(manifest: Path, out: Path, uri: str, run_name: str = "tiny-train", *extra: str) -> list[str]:
+    """`adiff train` arguments for the tiny config on a manifest (extra options last)."""
+    return [
+        "train",
+        "--config",
+        "tiny",
+        "--set",
+        f"data.manifest={manifest}",
+        "--set",
+        "data.min_foreground_fraction=0",
+        "--out",
+        str(out),
+        "--tracking-uri",
+        uri,
+        "--run-name",
+        run_name,
+        *extra,
+    ]
+
+
 def train_tiny(tmp_path: Path, manifest: Path, uri: str, *extra: str) -> Path:
     """Train the tiny config through the CLI; returns the bundle path."""
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            "tiny",
-            "--set",
-            f"data.manifest={manifest}",
-            "--set",
-            "data.min_foreground_fraction=0",
-            "--out",
-            str(out),
-            "--tracking-uri",
-            uri,
-            "--run-name",
-            "tiny-train",
-            *extra,
-        ],
-    )
+    result = runner.invoke(app, tiny_train_args(manifest, out, uri, "tiny-train", *extra))
     assert result.exit_code == 0, result.output
     assert (out / "bundle.pt").is_file()
     return out / "bundle.pt"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import runner
+from cli_support import runner, tiny_train_args
 from mlflow.tracking import MlflowClient
 
 from anomaly_diffusion.cli import app
@@ -21,24 +21,7 @@ STEPS = ["--set", "train.ddpm_steps=6", "--set", "train.classifier_steps=4", "--
 
 
 def _train_args(manifest: Path, out: Path, uri: str, batch_size: int) -> list[str]:
-    return [
-        "train",
-        "--config",
-        "tiny",
-        "--set",
-        f"data.manifest={manifest}",
-        "--set",
-        "data.min_foreground_fraction=0",
-        "--set",
-        f"train.batch_size={batch_size}",
-        *STEPS,
-        "--out",
-        str(out),
-        "--tracking-uri",
-        uri,
-        "--run-name",
-        f"b{batch_size}",
-    ]
+    return tiny_train_args(manifest, out, uri, f"b{batch_size}", "--set", f"train.batch_size={batch_size}", *STEPS)
 
 
 def _history(uri: str, key: str) -> list[float]:
