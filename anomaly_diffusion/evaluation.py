@@ -345,9 +345,9 @@ def _slice_table(v: VolumeScores, method: str) -> tuple[np.ndarray, np.ndarray, 
     return ids, maxima, means
 
 
-def _volume_metrics(v: VolumeScores, method: str) -> dict[str, float]:
+def _volume_metrics(v: VolumeScores, method: str, otsu_dice: dict[int, float]) -> dict[str, float]:
+    """One volume's metrics; `otsu_dice` is its `per_slice_otsu_dice` for this method."""
     scores, truth = v.scores[method], v.truth
-    otsu_dice = per_slice_otsu_dice(scores, truth, v.slice_ids)
     ids, maxima, _ = _slice_table(v, method)
     labels = ~np.isin(ids, v.healthy_slices)
     return {
@@ -360,11 +360,15 @@ def _volume_metrics(v: VolumeScores, method: str) -> dict[str, float]:
     }
 
 
-def _size_metrics(volumes: Sequence[VolumeScores], method: str) -> dict[str, dict[str, float]]:
-    """Per lesion-size bin: pooled AUROC/AUPRC over the voxels of the bin's diseased slices, mean Otsu Dice."""
+def _size_metrics(
+    volumes: Sequence[VolumeScores], method: str, slice_dice: Sequence[dict[int, float]]
+) -> dict[str, dict[str, float]]:
+    """Per lesion-size bin: pooled AUROC/AUPRC over the voxels of the bin's diseased slices, mean Otsu Dice.
+
+    `slice_dice` holds each volume's `per_slice_otsu_dice` for this method.
+    """
     grouped: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
-    for v in volumes:
-        otsu_dice = per_slice_otsu_dice(v.scores[method], v.truth, v.slice_ids)
+    for v, otsu_dice in zip(volumes, slice_dice, strict=True):
         for k, d in otsu_dice.items():
             in_slice = v.slice_ids == k
             area = float(v.truth[in_slice].sum()) * v.pixel_area_mm2
@@ -445,8 +449,8 @@ def evaluate_method(
         dice_at_fpr=at_fpr,
         threshold_at_fpr=threshold_fpr,
         ci=ci,
-        per_volume={v.subject: _volume_metrics(v, name) for v in volumes},
-        by_size=_size_metrics(volumes, name),
+        per_volume={v.subject: _volume_metrics(v, name, d) for v, d in zip(volumes, slice_dice, strict=True)},
+        by_size=_size_metrics(volumes, name, slice_dice),
         p_healthy_before=float(np.mean(p_before)) if p_before else float("nan"),
         p_healthy_after=float(np.mean(p_after)) if p_after else float("nan"),
     )
