@@ -98,20 +98,21 @@ def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to the model's device; channels-last on CUDA, where cuDNN runs NHWC convolutions fastest."""
+    """Move a batch to the model's device, channels-last (NHWC): cuDNN and oneDNN run 2D convolutions
+    fastest so (measured on CPU: 1.6x for the brats64 UNet in fp32, 1.2x in bf16)."""
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def prepare_for_inference(bundle: ModelBundle, compile_networks: bool = False) -> ModelBundle:
-    """The bundle made ready to explain: channels-last weights on CUDA, optionally `torch.compile`d networks.
+    """The bundle made ready to explain: channels-last weights, optionally `torch.compile`d networks.
 
     Compiling costs minutes up front (and again for a new batch size): worth it for many volumes.
     """
-    device = next(bundle.unet.parameters()).device
     unet, classifier = bundle.unet, bundle.classifier
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if next(classifier.parameters()).device.type == "cuda":
+        # not on CPU: there GroupNorm's backward (the guidance gradient) is 2.7x slower in NHWC
         classifier = classifier.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if compile_networks:
         unet = cast(nn.Module, torch.compile(unet))
@@ -135,14 +136,15 @@ def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) 
     before = torch.cuda.memory_allocated(device)
     x = _to_device(torch.randn(probe, cfg.image_channels, cfg.image_size, cfg.image_size), device)
     t = torch.full((probe,), 1, dtype=torch.long, device=device)
-    guided = guided_eps_fn(_eps_fn(bundle, True), classifier_grad_fn(bundle.classifier, HEALTHY), bundle.schedule, 1.0)
+    guided = guided_denoiser(bundle, 1.0, True)
     with torch.no_grad():
         guided(x, t)
     per_slice = max((torch.cuda.max_memory_allocated(device) - before) / probe, 1.0)
     return int(min(max(fraction * free // per_slice, 1), MAX_AUTO_BATCH))
 
 
-def _eps_fn(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def denoiser(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_theta(x_t, t) (B, C, S, S) in fp32, computed under autocast when `amp` (see `training.autocast`)."""
     device = next(bundle.unet.parameters()).device
     unet = bundle.unet
 
@@ -151,6 +153,26 @@ def _eps_fn(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Ten
             return unet(x_t, t).float()
 
     return eps_fn
+
+
+def classifier_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The classifier's logits (B, 2) under the same autocast as the denoiser (for the guidance gradient)."""
+    device = next(bundle.unet.parameters()).device
+    classifier = bundle.classifier
+
+    def logits(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            return classifier(x_t, t).float()
+
+    return logits
+
+
+def guided_denoiser(
+    bundle: ModelBundle, scale: float, amp: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_hat(x_t, t): the denoiser guided towards HEALTHY with scale s (plain eps_theta when s = 0)."""
+    grad_fn = classifier_grad_fn(classifier_logits(bundle, amp), HEALTHY)
+    return guided_eps_fn(denoiser(bundle, amp), grad_fn, bundle.schedule, scale)
 
 
 def encode_slices(
@@ -168,7 +190,7 @@ def encode_slices(
     guidance scales) can share one encoding.
     """
     device = next(bundle.unet.parameters()).device
-    eps_fn = _eps_fn(bundle, amp)
+    eps_fn = denoiser(bundle, amp)
     encoded = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch_size):
@@ -193,8 +215,7 @@ def decode_slices(
     decoding is plain DDIM and runs under `torch.inference_mode`.
     """
     device = next(bundle.unet.parameters()).device
-    eps_fn = _eps_fn(bundle, amp)
-    guided = guided_eps_fn(eps_fn, classifier_grad_fn(bundle.classifier, HEALTHY), bundle.schedule, scale)
+    guided = guided_denoiser(bundle, scale, amp)
     decoded = []
     for start in range(0, x_L.shape[0], batch_size):
         batch = _to_device(x_L[start : start + batch_size], device)

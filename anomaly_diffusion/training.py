@@ -2,7 +2,7 @@
 
 DDPM (Ho 2020, Alg. 1): t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 Classifier (Dhariwal & Nichol 2021): cross-entropy of p(y | x_t, t) on noised slices, same t law.
-Both use AdamW, gradient clipping, AMP on CUDA, and explicit torch.Generators; the DDPM keeps
+Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16), and explicit torch.Generators; the DDPM keeps
 EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing here prints or logs to MLflow:
 metrics go to a `MetricSink` callback and progress to a `Progress` callback.
 """
@@ -58,12 +58,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU does bf16 matrix work in hardware (Intel AMX tiles).
+
+    There oneDNN runs bf16 convolutions 2-3x faster than fp32; on CPUs without it bf16 is emulated
+    and 1.3-3.5x slower, so autocast stays off.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
-    """bf16 autocast on CUDA where supported (fp16 otherwise); nothing on CPU, where it is slower."""
-    if not enabled or device.type != "cuda":
+    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 where bf16 is unsupported) and
+    on CPUs with native bf16 (`native_bf16_cpu`); nothing elsewhere, or when `enabled` is False."""
+    if not enabled:
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if device.type == "cpu" and native_bf16_cpu():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:

@@ -104,13 +104,19 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_size: int) -> dict[str, Any]:
+def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_size: int, amp: bool) -> dict[str, Any]:
     """Explain the synthetic volume (or its first max_slices kept slices); wall time vs floor."""
-    from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn
-    from anomaly_diffusion.explain import assemble_scan, explain_slices, p_healthy, prepare_scan
-    from anomaly_diffusion.labels import HEALTHY
+    from anomaly_diffusion.explain import (
+        assemble_scan,
+        denoiser,
+        explain_slices,
+        guided_denoiser,
+        p_healthy,
+        prepare_for_inference,
+        prepare_scan,
+    )
 
-    bundle = _bundle(size)
+    bundle = prepare_for_inference(_bundle(size))
     scan = _head_scan()
     noise_level = 500
     k = steps or noise_level
@@ -118,18 +124,18 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
     started = time.perf_counter()
     prepared = prepare_scan(bundle, scan)
     x = prepared.x if max_slices is None else prepared.x[:max_slices]
-    result = explain_slices(bundle, x, noise_level, 100.0, steps, batch_size, amp=True)
+    result = explain_slices(bundle, x, noise_level, 100.0, steps, batch_size, amp=amp)
     if max_slices is None:
         assemble_scan(scan, prepared, result)
     _sync()
     wall = time.perf_counter() - started
-    # the floor: the network evaluations this run needs, at the batch sizes it used
-    unet, classifier, schedule = bundle.unet, bundle.classifier, bundle.schedule
-    guided = guided_eps_fn(lambda x_t, t: unet(x_t, t), classifier_grad_fn(classifier, HEALTHY), schedule, 100.0)
+    # the floor: the network evaluations this run needs, at its batch sizes, precision and memory format
+    unet = denoiser(bundle, amp)
+    guided = guided_denoiser(bundle, 100.0, amp)
     sizes = [min(batch_size, len(x) - s) for s in range(0, len(x), batch_size)]
     floor = 0.0
     for b in sorted(set(sizes)):
-        xb = torch.randn(b, 1, size, size, device=device)
+        xb = torch.randn(b, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
         tb = torch.full((b,), 250, device=device, dtype=torch.long)
 
         def unet_eval(xb: torch.Tensor = xb, tb: torch.Tensor = tb) -> None:
@@ -148,6 +154,7 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
     return {
         "size": size,
         "steps": k,
+        "precision": _precision(device, amp),
         "slices": len(x),
         "volume_slices": scan.data.shape[-1],
         "wall_s": wall,
@@ -158,11 +165,19 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
     }
 
 
+def _precision(device: torch.device, amp: bool) -> str:
+    """What `amp` means on this device (see `anomaly_diffusion.training.autocast`)."""
+    from anomaly_diffusion.training import autocast
+
+    context = autocast(device, amp)
+    return str(context.fast_dtype).removeprefix("torch.") if isinstance(context, torch.autocast) else "fp32"
+
+
 def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) -> dict[str, Any]:
     """MONAI-tutorial loop, one slice at a time, against adiff on the same slices and timesteps."""
     from monai.networks.schedulers import DDIMScheduler
 
-    from anomaly_diffusion.explain import explain_slices, prepare_scan
+    from anomaly_diffusion.explain import explain_slices, prepare_for_inference, prepare_scan
     from anomaly_diffusion.labels import HEALTHY
 
     bundle = _bundle(size)
@@ -199,20 +214,24 @@ def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) 
     _sync()
     naive_wall = time.perf_counter() - started
     naive = torch.cat(outputs)
-    started = time.perf_counter()
-    ours = explain_slices(bundle, batch, noise_level, scale, steps, batch_size, amp=False).x_healthy[:n_slices]
-    _sync()
-    ours_wall = time.perf_counter() - started
-    return {
+    bundle = prepare_for_inference(bundle)  # after the naive loop, which keeps MONAI's defaults
+    result: dict[str, Any] = {
         "size": size,
         "steps": k,
         "slices": len(x),
         "naive_s_per_slice": naive_wall / len(x),
-        "adiff_s_per_slice": ours_wall / len(batch),
-        "speedup": (naive_wall / len(x)) / (ours_wall / len(batch)),
-        "max_abs_diff": float((naive - ours).abs().max()),
-        "peak_mb": _peak_memory_mb(),
     }
+    for amp in (False, True):
+        started = time.perf_counter()
+        ours = explain_slices(bundle, batch, noise_level, scale, steps, batch_size, amp=amp).x_healthy[:n_slices]
+        _sync()
+        per_slice = (time.perf_counter() - started) / len(batch)
+        result[f"precision_{amp}"] = _precision(device, amp)
+        result[f"adiff_s_per_slice_{amp}"] = per_slice
+        result[f"speedup_{amp}"] = result["naive_s_per_slice"] / per_slice
+        result[f"max_abs_diff_{amp}"] = float((naive - ours).abs().max())
+    result["peak_mb"] = _peak_memory_mb()
+    return result
 
 
 def measure_training(size: int, batch_size: int, n_steps: int, plain: bool) -> dict[str, Any]:
@@ -295,37 +314,52 @@ def main() -> None:
     args = parser.parse_args()
     memory = "peak CUDA MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"device: {_device()}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    print(f"\n| explain (L=500, s=100) | size | K | slices | wall s | slices/s | floor s | wall/floor | {memory} |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(
+        f"\n| explain (L=500, s=100) | size | K | precision | slices | wall s | slices/s | floor s | wall/floor "
+        f"| {memory} |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
+    volume: dict[str, Any] = {}
     for index, size in enumerate(sizes):
         if index == 0:
-            runs: list[tuple[str, int | None, int | None]] = [("whole volume", args.strided_steps, None)]
+            runs: list[tuple[str, int | None, int | None, bool]] = [("whole volume", args.strided_steps, None, True)]
             if not args.quick:
-                runs.append((f"first {args.full_slices} slices", None, args.full_slices))
+                runs.append(("whole volume", args.strided_steps, None, False))
+                runs.append((f"first {args.full_slices} slices", None, args.full_slices, True))
         elif args.quick:
             continue
         else:
-            runs = [(f"first {args.large_slices} slices", args.strided_steps, args.large_slices)]
-        for label, steps, limit in runs:
-            r = _isolated(measure_explain, size, steps, limit, args.batch_size)
+            runs = [(f"first {args.large_slices} slices", args.strided_steps, args.large_slices, True)]
+        for label, steps, limit, amp in runs:
+            r = _isolated(measure_explain, size, steps, limit, args.batch_size, amp)
+            volume = volume or r
             print(
-                f"| {label} ({r['volume_slices']}-slice volume) | {size} | {r['steps']} | {r['slices']} | "
-                f"{r['wall_s']:.1f} | {r['slices_per_s']:.2f} | {r['floor_s']:.1f} | {r['ratio']:.2f} | "
-                f"{r['peak_mb']:.0f} |",
+                f"| {label} ({r['volume_slices']}-slice volume) | {size} | {r['steps']} | {r['precision']} | "
+                f"{r['slices']} | {r['wall_s']:.1f} | {r['slices_per_s']:.2f} | {r['floor_s']:.1f} | "
+                f"{r['ratio']:.2f} | {r['peak_mb']:.0f} |",
                 flush=True,
             )
     print(
-        f"\n| naive MONAI loop (batch 1) vs adiff (batch {args.batch_size}) | size | K | slices compared | "
-        f"naive s/slice | adiff s/slice | speed-up | "
-        f"max abs diff | {memory} (naive+adiff) |"
+        f"\n| naive MONAI loop (batch 1, fp32) vs adiff (batch {args.batch_size}) | size | K | slices compared | "
+        f"naive s/slice | adiff s/slice | speed-up | max abs diff | {memory} (naive+adiff) |"
     )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for size in sizes[:1]:
         r = _isolated(measure_naive, size, args.strided_steps, args.naive_slices, args.batch_size)
+        for amp in (False, True):
+            print(
+                f"| adiff {r[f'precision_{amp}']}, same timesteps | {size} | {r['steps']} | {r['slices']} | "
+                f"{r['naive_s_per_slice']:.2f} | {r[f'adiff_s_per_slice_{amp}']:.3f} | {r[f'speedup_{amp}']:.1f}x | "
+                f"{r[f'max_abs_diff_{amp}']:.2e} | {r['peak_mb']:.0f} |",
+                flush=True,
+            )
+        n, kept = volume["volume_slices"], volume["slices"]
+        naive_volume = r["naive_s_per_slice"] * n
         print(
-            f"| same timesteps | {size} | {r['steps']} | {r['slices']} | {r['naive_s_per_slice']:.2f} | "
-            f"{r['adiff_s_per_slice']:.2f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.2e} | {r['peak_mb']:.0f} |",
+            f"\nwhole {n}-slice volume at {size}x{size}, K={r['steps']}: naive loop (every slice, extrapolated) "
+            f"{naive_volume:.0f} s; adiff ({volume['precision']}, skips the {n - kept} slices without foreground) "
+            f"{volume['wall_s']:.0f} s: {naive_volume / volume['wall_s']:.1f}x",
             flush=True,
         )
     print(f"\n| training (DDPM step, batch {args.batch_size // 2}) | size | img/s | {memory} |")

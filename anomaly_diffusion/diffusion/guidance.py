@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from anomaly_diffusion.diffusion.sampling import EpsFn
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, broadcast_to
@@ -44,7 +43,7 @@ def guided_eps_fn(eps_fn: EpsFn, grad_fn: GradFn, schedule: NoiseSchedule, scale
     return fn
 
 
-def classifier_grad_fn(classifier: nn.Module, target: int) -> GradFn:
+def classifier_grad_fn(classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: int) -> GradFn:
     """grad_x log p(y = target | x_t, t) of a noise-aware classifier returning logits (B, n_classes).
 
     Only the input gradient is computed: the classifier's parameters are not asked for gradients.
