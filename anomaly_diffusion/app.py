@@ -68,7 +68,15 @@ from anomaly_diffusion.tracking import (
     register_model,
     tracked_run,
 )
-from anomaly_diffusion.training import BUNDLE_NAME, CHECKPOINT_NAME, Progress, TrainResult, resolve_device, train
+from anomaly_diffusion.training import (
+    BUNDLE_NAME,
+    CHECKPOINT_NAME,
+    Progress,
+    TrainResult,
+    precision_name,
+    resolve_device,
+    train,
+)
 
 PACKAGED_CONFIGS = ("default", "demo", "tiny")
 
@@ -308,6 +316,7 @@ def run_explain(
     progress: Callable[[int, int], None] | None = None,
     threshold: float | None = None,
     compile_networks: bool = False,
+    fp32: bool = False,
 ) -> ExplainOutcome:
     """Explain one scan with a bundle file or a registered model (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
 
@@ -315,8 +324,8 @@ def run_explain(
     """
     started = time.perf_counter()
     bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
+    bundle = prepare_for_inference(bundle, compile_networks or bundle.config.explain.compile, fp32)
     cfg = bundle.config
-    bundle = prepare_for_inference(bundle, compile_networks or cfg.explain.compile)
     noise_level = cfg.explain.noise_level if noise_level is None else noise_level
     scale = cfg.explain.scale if scale is None else scale
     steps = cfg.explain.steps if steps is None else steps
@@ -385,6 +394,7 @@ def run_explain(
         "scale": scale,
         "steps": steps if steps is not None else noise_level,
         "batch_size": batch_size,
+        "precision": precision_name(next(bundle.unet.parameters()).device, cfg.train.amp),
         "inputs": ";".join(p.name for p in scans),
         "checkpoint": checkpoint_name,
         "model": model_ref or "",
@@ -522,6 +532,7 @@ def run_evaluate(
     progress: EvaluateProgress | None = None,
     context: DistContext = SINGLE,
     compile_networks: bool = False,
+    fp32: bool = False,
 ) -> EvaluateOutcome | None:
     """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
 
@@ -550,8 +561,8 @@ def run_evaluate(
             "evaluated volumes is the oracle, which is reported anyway as Dice (best)"
         )
     bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
+    bundle = prepare_for_inference(bundle, compile_networks or bundle.config.explain.compile, fp32)
     cfg = bundle.config
-    bundle = prepare_for_inference(bundle, compile_networks or cfg.explain.compile)
     parsed = [parse_method(m, cfg) for m in methods]
     check_methods(parsed, bundle)
     rows = read_manifest(manifest)
@@ -617,6 +628,7 @@ def run_evaluate(
         "bootstrap": bootstrap,
         "fprs": ",".join(f"{f:g}" for f in fprs),
         "volumes": len(volumes),
+        "precision": precision_name(next(bundle.unet.parameters()).device, cfg.train.amp),
         "checkpoint": checkpoint_name,
         "model": model_ref or "",
     }

@@ -106,6 +106,7 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(0.995, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     classifier_flip: bool = True
+    classifier_jitter: float = Field(0.0, ge=0, lt=1)  # random zoom 1 +- j and shift <= j/2 (data/augment.py)
     classifier_max_timestep: int | None = Field(None, ge=0)  # None: t ~ U{0..T-1} as in the paper
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)

@@ -4,7 +4,9 @@ Every method scores the same voxels of the same volumes: the brain/foreground vo
 slices the model sees, on the input's own grid (nothing is scored at model resolution). Methods:
 
 - diffusion methods: encode with DDIM to L (no guidance), decode with guidance scale s (s = 0 is
-  the unguided-reconstruction baseline); methods sharing (L, K) share one encoding;
+  the unguided-reconstruction baseline); methods sharing (L, K) share one encoding, and with the
+  same s one decoding; a method may average the maps of several L (an ensemble) or encode by
+  forward noising (DDPM) with several draws instead of DDIM inversion;
 - `intensity`: the normalised intensity of one channel (a strong detector on BraTS FLAIR).
 
 Metrics (pooled over all voxels of the split, never averaged per image unless stated): pixel
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -38,10 +40,12 @@ from anomaly_diffusion.data.transforms import (
 )
 from anomaly_diffusion.errors import ConfigError, InputError
 from anomaly_diffusion.explain import (
+    SliceExplanation,
     assemble_scan,
     check_explain_options,
     decode_slices,
     encode_slices,
+    noise_slices,
     prepare_scan,
     slice_explanation,
 )
@@ -76,6 +80,11 @@ class Method:
         kind: 'diffusion' (encode to L, decode with scale s in K steps) or 'intensity'.
         noise_level, scale, steps: L, s, K of a diffusion method (K None = L).
         channel: the channel of an intensity method.
+        more_levels: further noise levels whose maps are averaged with L's (a multi-L ensemble).
+        encoding: 'ddim' (deterministic inversion, the paper) or 'noise' (x_L ~ q(x_L | x_0), the
+            DDPM forward process, one draw per seed).
+        seeds: with 'noise' encoding, how many draws' maps are averaged.
+        median: this method's in-plane median filter size (None: the evaluation's).
     """
 
     name: str
@@ -84,16 +93,49 @@ class Method:
     scale: float = 0.0
     steps: int | None = None
     channel: int = 0
+    more_levels: tuple[int, ...] = ()
+    encoding: Literal["ddim", "noise"] = "ddim"
+    seeds: int = 1
+    median: int | None = None
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """Every noise level whose map goes into this method's map."""
+        return (self.noise_level, *self.more_levels)
 
     def describe(self) -> str:
         """A short human description."""
         if self.kind == "intensity":
-            return f"raw normalised intensity of channel {self.channel}"
-        guidance = "unguided reconstruction" if self.scale == 0 else f"guided s={self.scale:g}"
-        return f"{guidance}, L={self.noise_level}, K={self.steps or self.noise_level}"
+            text = f"raw normalised intensity of channel {self.channel}"
+        else:
+            guidance = "unguided reconstruction" if self.scale == 0 else f"guided s={self.scale:g}"
+            levels = "+".join(str(level) for level in self.levels)
+            text = f"{guidance}, L={levels}, K={self.steps or self.noise_level}"
+            if self.encoding == "noise":
+                text += f", noised to L (DDPM forward), mean of {self.seeds} draw(s)"
+        return text if self.median is None else f"{text}, median filter {self.median}"
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
+_KEYS = ("L", "s", "K", "enc", "n", "m")
+
+
+def _parse_value(spec: str, key: str, text: str) -> Any:
+    text = text.strip()
+    try:
+        if key == "L":
+            return [int(float(part)) for part in text.split("+")]
+        if key == "K":
+            return None if text in ("", "full", "none") else int(float(text))
+        if key == "enc":
+            if text not in ("ddim", "noise"):
+                raise ConfigError(f"method {spec!r}: enc must be ddim or noise, got {text!r}")
+            return text
+        if key in ("n", "m"):
+            return int(text)
+        return float(text)
+    except ValueError as exc:
+        raise ConfigError(f"method {spec!r}: {key}={text!r} is not a number") from exc
 
 
 def parse_method(spec: str, cfg: Config) -> Method:
@@ -101,7 +143,9 @@ def parse_method(spec: str, cfg: Config) -> Method:
 
     - `guided`: the bundle's explain defaults (L, s, K); `unguided`: the same with s = 0;
     - `paper`: L = 500, s = 100, K = L (Wolleb 2022); `intensity` or `intensity:C` (channel C);
-    - `NAME:L=300,s=50,K=30`: a named diffusion method (keys L, s, K; missing ones from guided).
+    - `NAME:L=300,s=50,K=30`: a named diffusion method. Keys: L (`100+200+300` averages the maps
+      of several levels), s, K, enc (`ddim` or `noise`), n (draws averaged with enc=noise), m (a
+      median filter for this method); missing ones come from guided.
     """
     e = cfg.explain
     spec = spec.strip()
@@ -120,18 +164,29 @@ def parse_method(spec: str, cfg: Config) -> Method:
     match = _CUSTOM.match(spec)
     if match is None:
         raise ConfigError(f"unknown method {spec!r}; use guided, unguided, paper, intensity[:C] or NAME:L=..,s=..,K=..")
-    values: dict[str, Any] = {"L": e.noise_level, "s": e.scale, "K": e.steps}
+    values: dict[str, Any] = {"L": [e.noise_level], "s": e.scale, "K": e.steps, "enc": "ddim", "n": 1, "m": None}
     for item in match.group("args").split(","):
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or key not in values:
-            raise ConfigError(f"method {spec!r}: expected keys L, s, K as KEY=VALUE, got {item!r}")
-        try:
-            values[key] = None if key == "K" and text.strip() in ("", "full", "none") else float(text)
-        except ValueError as exc:
-            raise ConfigError(f"method {spec!r}: {key}={text!r} is not a number") from exc
-    steps = None if values["K"] is None else int(values["K"])
-    return Method(match.group("name"), "diffusion", int(values["L"]), float(values["s"]), steps)
+        if not sep or key not in _KEYS:
+            raise ConfigError(f"method {spec!r}: expected keys {', '.join(_KEYS)} as KEY=VALUE, got {item!r}")
+        values[key] = _parse_value(spec, key, text)
+    if values["n"] < 1 or (values["n"] > 1 and values["enc"] != "noise"):
+        raise ConfigError(f"method {spec!r}: n (draws) must be >= 1, and > 1 only with enc=noise")
+    if values["m"] is not None and not 0 <= values["m"] <= 15:
+        raise ConfigError(f"method {spec!r}: m (median filter) must be in 0..15, got {values['m']}")
+    level, *more = values["L"]
+    return Method(
+        match.group("name"),
+        "diffusion",
+        level,
+        float(values["s"]),
+        values["K"],
+        more_levels=tuple(more),
+        encoding=values["enc"],
+        seeds=values["n"],
+        median=values["m"],
+    )
 
 
 def check_methods(methods: Sequence[Method], bundle: ModelBundle) -> None:
@@ -144,7 +199,8 @@ def check_methods(methods: Sequence[Method], bundle: ModelBundle) -> None:
     for m in methods:
         if m.kind == "diffusion":
             try:
-                check_explain_options(bundle, m.noise_level, m.scale, m.steps)
+                for level in m.levels:
+                    check_explain_options(bundle, level, m.scale, m.steps)
             except ConfigError as exc:
                 raise ConfigError(f"method {m.name!r}: {exc}") from exc
 
@@ -218,10 +274,10 @@ def score_volume(
     index = np.nonzero(region)
     truth_stack = to_plane_stack(truth_volume.astype(np.uint8), state) > 0
 
-    def voxels(volume: np.ndarray) -> np.ndarray:
+    def voxels(volume: np.ndarray, size: int) -> np.ndarray:
         stack = to_plane_stack(volume.astype(np.float32), state)
-        if median_size > 1:
-            stack = median_filter(stack, size=(median_size, median_size, 1))
+        if size > 1:
+            stack = median_filter(stack, size=(size, size, 1))
         return stack[index].astype(np.float32)
 
     lesion_per_slice = truth_stack.sum(axis=(0, 1))
@@ -229,20 +285,38 @@ def score_volume(
     scores: dict[str, np.ndarray] = {}
     p_healthy: dict[str, tuple[float, float]] = {}
     examples: dict[int, SliceExample] = {}
-    encoded: dict[tuple[int, int | None], torch.Tensor] = {}
+    # methods share encodings (same L, K, encoding, draw) and decodings (and the same s)
+    encoded: dict[tuple[int, int | None, str, int], torch.Tensor] = {}
+    decoded: dict[tuple[int, int | None, str, int, float], SliceExplanation] = {}
     truth_slices = mask_to_slices(truth_volume, state)
     for method in methods:
         if progress is not None:
             progress(method.name)
+        size = median_size if method.median is None else method.median
         if method.kind == "intensity":
-            scores[method.name] = voxels(normalise(scan.data, state, cfg.data)[method.channel])
+            scores[method.name] = voxels(normalise(scan.data, state, cfg.data)[method.channel], size)
             continue
-        key = (method.noise_level, method.steps)
-        if key not in encoded:
-            encoded[key] = encode_slices(bundle, prepared.x, method.noise_level, method.steps, batch_size, amp)
-        x_healthy = decode_slices(bundle, encoded[key], method.noise_level, method.scale, method.steps, batch_size, amp)
-        explanation = assemble_scan(scan, prepared, slice_explanation(bundle, prepared.x, x_healthy, batch_size))
-        scores[method.name] = voxels(explanation.anomaly_map)
+        parts = []
+        for level in method.levels:
+            for seed in range(method.seeds):
+                key = (level, method.steps, method.encoding, seed)
+                if key not in encoded:
+                    if method.encoding == "noise":
+                        encoded[key] = noise_slices(bundle, prepared.x, level, seed)
+                    else:
+                        encoded[key] = encode_slices(bundle, prepared.x, level, method.steps, batch_size, amp)
+                if (*key, method.scale) not in decoded:
+                    decoded[(*key, method.scale)] = slice_explanation(
+                        bundle,
+                        prepared.x,
+                        decode_slices(bundle, encoded[key], level, method.scale, method.steps, batch_size, amp),
+                        batch_size,
+                    )
+                parts.append(decoded[(*key, method.scale)])
+        # an ensemble's map is the mean of its parts' maps; its counterfactual is the first part's
+        combined = replace(parts[0], anomaly_map=torch.stack([p.anomaly_map for p in parts]).mean(dim=0))
+        explanation = assemble_scan(scan, prepared, combined)
+        scores[method.name] = voxels(explanation.anomaly_map, size)
         sl = explanation.slices
         p_healthy[method.name] = (float(sl.p_healthy_before.mean()), float(sl.p_healthy_after.mean()))
         if not examples:

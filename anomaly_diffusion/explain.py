@@ -30,7 +30,7 @@ from anomaly_diffusion.data.transforms import (
 )
 from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode
-from anomaly_diffusion.diffusion.schedule import ddim_timesteps
+from anomaly_diffusion.diffusion.schedule import ddim_timesteps, q_sample
 from anomaly_diffusion.errors import ConfigError, InputError
 from anomaly_diffusion.labels import HEALTHY
 from anomaly_diffusion.models.bundle import ModelBundle
@@ -104,11 +104,18 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def prepare_for_inference(bundle: ModelBundle, compile_networks: bool = False) -> ModelBundle:
+def prepare_for_inference(bundle: ModelBundle, compile_networks: bool = False, fp32: bool = False) -> ModelBundle:
     """The bundle made ready to explain: channels-last weights, optionally `torch.compile`d networks.
 
     Compiling costs minutes up front (and again for a new batch size): worth it for many volumes.
+    `fp32` turns mixed precision off (the returned bundle's `config.train.amp` is False), for
+    results that do not depend on the hardware's bf16 support.
     """
+    if fp32:
+        config = bundle.config
+        bundle = replace(
+            bundle, config=config.model_copy(update={"train": config.train.model_copy(update={"amp": False})})
+        )
     unet, classifier = bundle.unet, bundle.classifier
     unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if next(classifier.parameters()).device.type == "cuda":
@@ -197,6 +204,19 @@ def encode_slices(
             batch = _to_device(x[start : start + batch_size], device)
             encoded.append(ddim_encode(eps_fn, batch, bundle.schedule, noise_level, steps))
     return torch.cat(encoded) if encoded else x.clone()
+
+
+def noise_slices(bundle: ModelBundle, x: torch.Tensor, noise_level: int, seed: int) -> torch.Tensor:
+    """x_L ~ q(x_L | x_0) = sqrt(alpha_bar_L) x_0 + sqrt(1 - alpha_bar_L) eps (Ho 2020, eq. 4), seeded.
+
+    The stochastic alternative to `encode_slices` (no network evaluations): the decoding then
+    samples a healthy image near x_0 rather than inverting it exactly. x (N, C, S, S) -> x_L on
+    the model's device.
+    """
+    device = next(bundle.unet.parameters()).device
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((x.shape[0],), noise_level, dtype=torch.long)
+    return _to_device(q_sample(bundle.schedule, x, t, noise), device)
 
 
 def decode_slices(

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from anomaly_diffusion.config import Config
+from anomaly_diffusion.data.augment import random_zoom_shift
 from anomaly_diffusion.data.datasets import SliceDataset
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
 from anomaly_diffusion.distributed import SINGLE, DistContext
@@ -78,6 +79,12 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[obje
     if device.type == "cpu" and native_bf16_cpu():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def precision_name(device: torch.device, amp: bool) -> str:
+    """What `autocast(device, amp)` computes in: 'bfloat16', 'float16' or 'float32'."""
+    context = autocast(device, amp)
+    return str(context.fast_dtype).removeprefix("torch.") if isinstance(context, torch.autocast) else "float32"
 
 
 def _scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
@@ -319,6 +326,7 @@ def train_classifier(
         if tc.classifier_flip:
             flip = torch.rand(x_0.shape[0], generator=generator).to(device) < 0.5
             x_0 = torch.where(flip.reshape(-1, *([1] * (x_0.dim() - 1))), x_0.flip(-1), x_0)
+        x_0 = random_zoom_shift(x_0, tc.classifier_jitter, generator)
         t = torch.randint(0, t_high, (x_0.shape[0],), generator=generator).to(device)
         x_t = q_sample(schedule, x_0, t, torch.randn(x_0.shape, generator=generator).to(device))
         x_t, t, y = context.shard(x_t), context.shard(t), context.shard(labels)

@@ -115,6 +115,7 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
         prepare_for_inference,
         prepare_scan,
     )
+    from anomaly_diffusion.training import precision_name
 
     bundle = prepare_for_inference(_bundle(size))
     scan = _head_scan()
@@ -154,7 +155,7 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
     return {
         "size": size,
         "steps": k,
-        "precision": _precision(device, amp),
+        "precision": precision_name(device, amp),
         "slices": len(x),
         "volume_slices": scan.data.shape[-1],
         "wall_s": wall,
@@ -165,20 +166,13 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
     }
 
 
-def _precision(device: torch.device, amp: bool) -> str:
-    """What `amp` means on this device (see `anomaly_diffusion.training.autocast`)."""
-    from anomaly_diffusion.training import autocast
-
-    context = autocast(device, amp)
-    return str(context.fast_dtype).removeprefix("torch.") if isinstance(context, torch.autocast) else "fp32"
-
-
 def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) -> dict[str, Any]:
     """MONAI-tutorial loop, one slice at a time, against adiff on the same slices and timesteps."""
     from monai.networks.schedulers import DDIMScheduler
 
     from anomaly_diffusion.explain import explain_slices, prepare_for_inference, prepare_scan
     from anomaly_diffusion.labels import HEALTHY
+    from anomaly_diffusion.training import precision_name
 
     bundle = _bundle(size)
     prepared = prepare_scan(bundle, _head_scan())
@@ -226,7 +220,7 @@ def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) 
         ours = explain_slices(bundle, batch, noise_level, scale, steps, batch_size, amp=amp).x_healthy[:n_slices]
         _sync()
         per_slice = (time.perf_counter() - started) / len(batch)
-        result[f"precision_{amp}"] = _precision(device, amp)
+        result[f"precision_{amp}"] = precision_name(device, amp)
         result[f"adiff_s_per_slice_{amp}"] = per_slice
         result[f"speedup_{amp}"] = result["naive_s_per_slice"] / per_slice
         result[f"max_abs_diff_{amp}"] = float((naive - ours).abs().max())

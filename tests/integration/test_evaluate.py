@@ -33,7 +33,7 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
             "--checkpoint",
             str(bundle),
             "--methods",
-            "guided,unguided,intensity,strong:L=10;s=30;K=5",
+            "guided,unguided,intensity,strong:L=10;s=30;K=5,mix:L=10+20;K=5;enc=noise;n=2;m=0",
             "--bootstrap",
             "20",
             "--median-filter",
@@ -50,7 +50,7 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "results.json").read_text())
     by_method = {r["method"]: r for r in report["results"]}
-    assert list(by_method) == ["guided", "unguided", "intensity", "strong"]
+    assert list(by_method) == ["guided", "unguided", "intensity", "strong", "mix"]
     assert report["threshold_source"] == "best Dice on the val split"
     assert report["lesion_voxels"] > 0 and report["pathological_slices"] > 0 and report["healthy_slices"] > 0
     # the planted lesions are +80 on a brain of 100 +- 10: intensity alone must find them
@@ -63,6 +63,8 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
         assert set(r["by_size"]) == {"small", "medium", "large"}
         assert set(r["per_volume"]) == {"s5"}
     assert by_method["strong"]["description"] == "guided s=30, L=10, K=5"
+    mix = "guided s=10, L=10+20, K=5, noised to L (DDPM forward), mean of 2 draw(s), median filter 0"
+    assert by_method["mix"]["description"] == mix
     client = MlflowClient(tracking_uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("anomaly_diffusion").experiment_id], "tags.`adiff.kind` = 'evaluate'"
@@ -103,6 +105,11 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "bogus"], "unknown method"),
         (["--methods", "guided,guided"], "unique"),
         (["--methods", "x:L=5000"], "noise level"),
+        (["--methods", "x:L=10+5000"], "noise level"),
+        (["--methods", "x:enc=ddpm"], "enc must be ddim or noise"),
+        (["--methods", "x:n=3"], "only with enc=noise"),
+        (["--methods", "x:m=99"], "median filter"),
+        (["--methods", "x:q=1"], "expected keys"),
         (["--split", "val", "--threshold-split", "val"], "must differ"),
         (["--split", "nope"], "train, val or test"),
         (["--fpr", "2"], "false-positive rates"),
@@ -127,3 +134,6 @@ def test_parse_method_specs() -> None:
     custom = parse_method("fast:L=200,s=6,K=20", cfg)
     assert (custom.name, custom.noise_level, custom.scale, custom.steps) == ("fast", 200, 6.0, 20)
     assert parse_method("intensity", cfg).channel == 0
+    ensemble = parse_method("ens:L=100+200+300,enc=noise,n=4,m=5", cfg)
+    assert ensemble.levels == (100, 200, 300) and ensemble.encoding == "noise" and ensemble.seeds == 4
+    assert ensemble.median == 5 and ensemble.scale == 100.0

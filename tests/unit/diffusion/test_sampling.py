@@ -4,7 +4,7 @@ from monai.networks.schedulers import DDIMScheduler
 
 from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps, guided_eps_fn
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_step
-from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
+from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 
 
@@ -27,6 +27,17 @@ def test_oracle_encode_decode_reproduces_input(kind: str, L: int, K: int | None)
     x_L = ddim_encode(eps_fn, x_0, schedule, L, K)
     assert not torch.allclose(x_L, x_0)
     x_back = ddim_decode(eps_fn, x_L, schedule, L, K)
+    assert torch.allclose(x_back, x_0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("L", "K"), [(200, None), (500, 25)])
+def test_oracle_decode_from_forward_noised_input_reproduces_it(L: int, K: int | None) -> None:
+    """The stochastic encoding (x_L ~ q(x_L | x_0), `explain.noise_slices`) decodes to x_0 under an oracle."""
+    schedule = make_schedule("linear", 1000)
+    x_0 = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    t = torch.full((2,), L, dtype=torch.long)
+    x_L = q_sample(schedule, x_0, t, torch.randn(x_0.shape, generator=torch.Generator().manual_seed(1)).double())
+    x_back = ddim_decode(oracle(schedule, x_0), x_L, schedule, L, K)
     assert torch.allclose(x_back, x_0, atol=1e-8)
 
 
