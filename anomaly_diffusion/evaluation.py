@@ -117,7 +117,7 @@ class Method:
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m")
+_KEYS = ("L", "s", "K", "enc", "n", "m", "c")
 
 
 def _parse_value(spec: str, key: str, text: str) -> Any:
@@ -131,7 +131,7 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
             if text not in ("ddim", "noise"):
                 raise ConfigError(f"method {spec!r}: enc must be ddim or noise, got {text!r}")
             return text
-        if key in ("n", "m"):
+        if key in ("n", "m", "c"):
             return int(text)
         return float(text)
     except ValueError as exc:
@@ -145,7 +145,8 @@ def parse_method(spec: str, cfg: Config) -> Method:
     - `paper`: L = 500, s = 100, K = L (Wolleb 2022); `intensity` or `intensity:C` (channel C);
     - `NAME:L=300,s=50,K=30`: a named diffusion method. Keys: L (`100+200+300` averages the maps
       of several levels), s, K, enc (`ddim` or `noise`), n (draws averaged with enc=noise), m (a
-      median filter for this method); missing ones come from guided.
+      median filter for this method); missing ones come from guided. `NAME:c=0,m=5` is the
+      intensity of channel c, median-filtered.
     """
     e = cfg.explain
     spec = spec.strip()
@@ -165,16 +166,24 @@ def parse_method(spec: str, cfg: Config) -> Method:
     if match is None:
         raise ConfigError(f"unknown method {spec!r}; use guided, unguided, paper, intensity[:C] or NAME:L=..,s=..,K=..")
     values: dict[str, Any] = {"L": [e.noise_level], "s": e.scale, "K": e.steps, "enc": "ddim", "n": 1, "m": None}
+    given = set()
     for item in match.group("args").split(","):
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or key not in _KEYS:
             raise ConfigError(f"method {spec!r}: expected keys {', '.join(_KEYS)} as KEY=VALUE, got {item!r}")
         values[key] = _parse_value(spec, key, text)
-    if values["n"] < 1 or (values["n"] > 1 and values["enc"] != "noise"):
-        raise ConfigError(f"method {spec!r}: n (draws) must be >= 1, and > 1 only with enc=noise")
+        given.add(key)
     if values["m"] is not None and not 0 <= values["m"] <= 15:
         raise ConfigError(f"method {spec!r}: m (median filter) must be in 0..15, got {values['m']}")
+    if "c" in given:  # a named intensity method, e.g. 'flair-m5:c=0,m=5'
+        if given - {"c", "m"}:
+            raise ConfigError(f"method {spec!r}: an intensity method (c=) takes only c and m")
+        if not 0 <= values["c"] < cfg.data.image_channels:
+            raise ConfigError(f"method {spec!r}: channel must be 0..{cfg.data.image_channels - 1} for this model")
+        return Method(match.group("name"), "intensity", channel=values["c"], median=values["m"])
+    if values["n"] < 1 or (values["n"] > 1 and values["enc"] != "noise"):
+        raise ConfigError(f"method {spec!r}: n (draws) must be >= 1, and > 1 only with enc=noise")
     level, *more = values["L"]
     return Method(
         match.group("name"),

@@ -110,6 +110,8 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "x:n=3"], "only with enc=noise"),
         (["--methods", "x:m=99"], "median filter"),
         (["--methods", "x:q=1"], "expected keys"),
+        (["--methods", "x:c=0;L=5"], "takes only c and m"),
+        (["--methods", "x:c=7"], "channel must be"),
         (["--split", "val", "--threshold-split", "val"], "must differ"),
         (["--split", "nope"], "train, val or test"),
         (["--fpr", "2"], "false-positive rates"),
@@ -137,3 +139,5 @@ def test_parse_method_specs() -> None:
     ensemble = parse_method("ens:L=100+200+300,enc=noise,n=4,m=5", cfg)
     assert ensemble.levels == (100, 200, 300) and ensemble.encoding == "noise" and ensemble.seeds == 4
     assert ensemble.median == 5 and ensemble.scale == 100.0
+    smooth = parse_method("flair-m5:c=0,m=5", cfg)
+    assert (smooth.kind, smooth.channel, smooth.median) == ("intensity", 0, 5)
