@@ -70,6 +70,14 @@ PAPER = {"noise_level": 500, "scale": 100.0, "steps": None}
 
 HISTOGRAM_BINS = 4096
 
+REGIME_TEXT = {
+    "weak": "slice labels only (the classifier, or choosing the DDPM's tumour-free training slices)",
+    "unsupervised": "images only, no labels",
+    "none": "no training",
+}
+REGIMES = tuple(REGIME_TEXT)
+"""Supervision, as the tables group it; no method here uses lesion masks in training."""
+
 
 @dataclass(frozen=True)
 class Method:
@@ -85,6 +93,7 @@ class Method:
             DDPM forward process, one draw per seed).
         seeds: with 'noise' encoding, how many draws' maps are averaged.
         median: this method's in-plane median filter size (None: the evaluation's).
+        regime: the supervision it uses (`REGIMES`); set by `parse_method` from the bundle's config.
     """
 
     name: str
@@ -97,6 +106,7 @@ class Method:
     encoding: Literal["ddim", "noise"] = "ddim"
     seeds: int = 1
     median: int | None = None
+    regime: str = ""
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -139,6 +149,18 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
 
 
 def parse_method(spec: str, cfg: Config) -> Method:
+    """A method from its command-line spec (see `_parse_method`), with its supervision regime."""
+    method = _parse_method(spec, cfg)
+    if method.kind == "intensity":
+        regime = "none"
+    elif method.scale > 0 or cfg.data.ddpm_train_on == "healthy":
+        regime = "weak"
+    else:
+        regime = "unsupervised"
+    return replace(method, regime=regime)
+
+
+def _parse_method(spec: str, cfg: Config) -> Method:
     """A method from its command-line spec.
 
     - `guided`: the bundle's explain defaults (L, s, K); `unguided`: the same with s = 0;
@@ -359,6 +381,7 @@ class MethodResult:
 
     method: str
     description: str
+    regime: str
     auroc: float
     auprc: float
     dice_slice_otsu: float
@@ -520,6 +543,7 @@ def evaluate_method(
     return MethodResult(
         method=name,
         description=method.describe(),
+        regime=method.regime,
         auroc=auroc(scores, truth),
         auprc=auprc(scores, truth),
         dice_slice_otsu=float(np.mean(all_dice)) if all_dice else float("nan"),
@@ -627,21 +651,23 @@ def report_markdown(report: EvaluationReport) -> str:
         f"{report.median_filter if report.median_filter > 1 else 'none'}. Chosen threshold: "
         f"{report.threshold_source}. Brackets: bootstrap 95% interval over volumes ({report.bootstrap} resamples).",
         "",
-        "| method | AUROC | AUPRC | Dice (slice Otsu) | Dice (chosen thr.) | Dice (best) | "
+        "| regime | method | AUROC | AUPRC | Dice (slice Otsu) | Dice (chosen thr.) | Dice (best) | "
         + " | ".join(f"Dice @FPR {k}" for k in fpr_keys)
         + " | slice AUROC (max) | slice AUROC (mean) | p(healthy) before -> after |",
-        "|---" * (9 + len(fpr_keys)) + "|",
+        "|---" * (10 + len(fpr_keys)) + "|",
     ]
-    for r in report.results:
+    grouped = sorted(report.results, key=lambda r: REGIMES.index(r.regime) if r.regime in REGIMES else len(REGIMES))
+    for r in grouped:
         p = "" if not np.isfinite(r.p_healthy_before) else f"{_f(r.p_healthy_before)} -> {_f(r.p_healthy_after)}"
         lines.append(
-            f"| {r.method} | {_with_ci(r.auroc, r.ci['auroc'])} | {_with_ci(r.auprc, r.ci['auprc'])} | "
+            f"| {r.regime} | {r.method} | {_with_ci(r.auroc, r.ci['auroc'])} | {_with_ci(r.auprc, r.ci['auprc'])} | "
             f"{_with_ci(r.dice_slice_otsu, r.ci['dice_slice_otsu'])} | {_f(r.dice_chosen)} | "
             f"{_with_ci(r.dice_best, r.ci['dice_best'])} | "
             + " | ".join(_f(r.dice_at_fpr[k]) for k in fpr_keys)
             + f" | {_f(r.slice_auroc_max)} | {_f(r.slice_auroc_mean)} | {p} |"
         )
-    lines += ["", "Methods: " + "; ".join(f"**{r.method}**: {r.description}" for r in report.results), ""]
+    lines += ["", "Methods: " + "; ".join(f"**{r.method}**: {r.description}" for r in report.results)]
+    lines += ["", "Regimes: " + "; ".join(f"**{name}**: {text}" for name, text in REGIME_TEXT.items()), ""]
     lines += [
         "### Per volume",
         "",

@@ -23,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    "flair_t1c": ("flair,t1c", "intensity,intensity:1"),
-    "t1c": ("t1c", "intensity"),
+    "flair_t1c": ("flair,t1c", "intensity,intensity-m5:c=0;m=5,intensity:1"),
+    "t1c": ("t1c", "intensity,intensity-m5:c=0;m=5"),
 }
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Config override (both runs).")
     parser.add_argument(
         "--methods",
-        default="guided,unguided,paper-L500-K25:L=500;s=100;K=25",
+        default="guided,guided-m5:m=5,unguided,paper-L500-K25:L=500;s=100;K=25",
         help="Diffusion methods for adiff evaluate (intensity baselines are added per variant).",
     )
     parser.add_argument("--median-filter", type=int, default=0)
@@ -94,6 +94,7 @@ def main() -> None:
             log,
         )
         train_seconds = time.perf_counter() - started
+        probe = run([sys.executable, "benchmarks/probe.py", str(manifest), str(folder / "run" / "bundle.pt")], log)
         started = time.perf_counter()
         evaluated = run(
             [
@@ -122,7 +123,8 @@ def main() -> None:
         table = (folder / "evaluation" / "results.md").read_text()
         tables.append(
             f"# {variant} (channels {channels})\n\n```\n{summary.strip()}\n{trained.strip()}\n```\n\n"
-            f"Training {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} min.\n\n{table}"
+            f"Training {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} min.\n\n{table}\n"
+            f"### Does the classifier read the slice's level? (benchmarks/probe.py)\n\n{probe.strip()}\n"
         )
         print(tables[-1], flush=True)
         del evaluated

@@ -63,6 +63,8 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
         assert set(r["by_size"]) == {"small", "medium", "large"}
         assert set(r["per_volume"]) == {"s5"}
     assert by_method["strong"]["description"] == "guided s=30, L=10, K=5"
+    assert (by_method["guided"]["regime"], by_method["intensity"]["regime"]) == ("weak", "none")
+    assert "| weak | guided |" in result.output and "| none | intensity |" in result.output
     mix = "guided s=10, L=10+20, K=5, noised to L (DDPM forward), mean of 2 draw(s), median filter 0"
     assert by_method["mix"]["description"] == mix
     client = MlflowClient(tracking_uri)
@@ -139,5 +141,9 @@ def test_parse_method_specs() -> None:
     ensemble = parse_method("ens:L=100+200+300,enc=noise,n=4,m=5", cfg)
     assert ensemble.levels == (100, 200, 300) and ensemble.encoding == "noise" and ensemble.seeds == 4
     assert ensemble.median == 5 and ensemble.scale == 100.0
+    assert (guided.regime, parse_method("intensity", cfg).regime) == ("weak", "none")
+    unsupervised = load_config(None, ["data.ddpm_train_on=all"])
+    assert parse_method("unguided", unsupervised).regime == "unsupervised"
+    assert parse_method("unguided", cfg).regime == "weak"  # its DDPM saw only slices labelled healthy
     smooth = parse_method("flair-m5:c=0,m=5", cfg)
     assert (smooth.kind, smooth.channel, smooth.median) == ("intensity", 0, 5)

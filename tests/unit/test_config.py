@@ -8,7 +8,7 @@ from anomaly_diffusion.errors import ConfigError
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "tiny"])
+@pytest.mark.parametrize("name", ["default", "demo", "tiny", "brats64", "brats128_gpu"])
 def test_shipped_configs_validate(name: str) -> None:
     assert isinstance(load_config(CONFIGS / f"{name}.yaml"), Config)
 
