@@ -323,6 +323,7 @@ def run_explain(
     Writes NIfTI maps, a montage and a JSON summary, and tracks it all in one MLflow run.
     """
     started = time.perf_counter()
+    started_at = time.time()
     bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
     bundle = prepare_for_inference(bundle, compile_networks or bundle.config.explain.compile, fp32)
     cfg = bundle.config
@@ -405,7 +406,9 @@ def run_explain(
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
     if model_ref:
         tags["adiff.model"] = model_ref
-    with tracked_run(tracking_uri, cfg.tracking.experiment, f"explain-{stem}", "explain", tags) as run:
+    with tracked_run(
+        tracking_uri, cfg.tracking.experiment, f"explain-{stem}", "explain", tags, started_at=started_at
+    ) as run:
         run.log_params(params)
         run.log_metrics(metrics)
         for path in outputs.values():
@@ -548,6 +551,7 @@ def run_evaluate(
             them, reports and logs; other ranks return None.
     """
     started = time.perf_counter()
+    started_at = time.time()
     if median_size < 0 or median_size > 15:
         raise ConfigError(f"--median-filter must be in 0..15, got {median_size}")
     for fpr in fprs:
@@ -633,7 +637,9 @@ def run_evaluate(
         "model": model_ref or "",
     }
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
-    with tracked_run(tracking_uri, cfg.tracking.experiment, f"evaluate-{split}", "evaluate", tags) as run:
+    with tracked_run(
+        tracking_uri, cfg.tracking.experiment, f"evaluate-{split}", "evaluate", tags, started_at=started_at
+    ) as run:
         run.log_params(params)
         run.log_metrics(flat_metrics(report))
         for path in outputs.values():

@@ -158,8 +158,14 @@ def tracked_run(
     kind: str,
     tags: Mapping[str, Any] | None = None,
     resume_run_id: str | None = None,
+    started_at: float | None = None,
 ) -> Iterator[RunLogger]:
-    """Open an MLflow run (or reopen `resume_run_id`); it ends FINISHED, or FAILED/KILLED if the body raises."""
+    """Open an MLflow run (or reopen `resume_run_id`); it ends FINISHED, or FAILED/KILLED if the body raises.
+
+    `started_at` (seconds since the epoch) backdates a new run's start, for work done before the
+    run is opened (explain and evaluate open theirs once their outputs exist), so the run's
+    duration in the UI is the work's.
+    """
     client = make_client(uri)
     if resume_run_id is not None:
         try:
@@ -174,7 +180,10 @@ def tracked_run(
         commit = git_commit(Path(__file__).parent)
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
-        run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+        start_time = None if started_at is None else int(started_at * 1000)
+        run = client.create_run(
+            experiment_id, start_time=start_time, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+        )
         logger = RunLogger(client, run.info.run_id, experiment_id)
     try:
         yield logger
