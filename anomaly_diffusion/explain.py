@@ -150,28 +150,26 @@ def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) 
     return int(min(max(fraction * free // per_slice, 1), MAX_AUTO_BATCH))
 
 
+def _in_mixed_precision(
+    bundle: ModelBundle, network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], amp: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    device = next(bundle.unet.parameters()).device
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            return network(x_t, t).float()
+
+    return fn
+
+
 def denoiser(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_theta(x_t, t) (B, C, S, S) in fp32, computed under autocast when `amp` (see `training.autocast`)."""
-    device = next(bundle.unet.parameters()).device
-    unet = bundle.unet
-
-    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
-            return unet(x_t, t).float()
-
-    return eps_fn
+    return _in_mixed_precision(bundle, bundle.unet, amp)
 
 
 def classifier_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The classifier's logits (B, 2) under the same autocast as the denoiser (for the guidance gradient)."""
-    device = next(bundle.unet.parameters()).device
-    classifier = bundle.classifier
-
-    def logits(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
-            return classifier(x_t, t).float()
-
-    return logits
+    return _in_mixed_precision(bundle, bundle.classifier, amp)
 
 
 def guided_denoiser(
