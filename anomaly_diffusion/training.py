@@ -2,13 +2,15 @@
 
 DDPM (Ho 2020, Alg. 1): t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 Classifier (Dhariwal & Nichol 2021): cross-entropy of p(y | x_t, t) on noised slices, same t law.
-Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16), and explicit torch.Generators; the DDPM keeps
-EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing here prints or logs to MLflow:
-metrics go to a `MetricSink` callback and progress to a `Progress` callback.
+Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16), and explicit
+torch.Generators; the DDPM keeps EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing
+here prints or logs to MLflow: metrics go to a `MetricSink` callback and progress to a
+`Progress` callback.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -59,11 +61,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU does bf16 matrix work in hardware (Intel AMX tiles).
 
     There oneDNN runs bf16 convolutions 2-3x faster than fp32; on CPUs without it bf16 is emulated
-    and 1.3-3.5x slower, so autocast stays off.
+    and 1.3-3.5x slower, so autocast stays off. Asked once per process: `autocast` runs on every
+    network call.
     """
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
