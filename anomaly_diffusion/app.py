@@ -32,6 +32,7 @@ from anomaly_diffusion.diffusion.schedule import make_schedule
 from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
 from anomaly_diffusion.evaluation import (
+    MAX_MEDIAN_FILTER,
     EvaluationReport,
     Method,
     VolumeScores,
@@ -552,8 +553,8 @@ def run_evaluate(
     """
     started = time.perf_counter()
     started_at = time.time()
-    if median_size < 0 or median_size > 15:
-        raise ConfigError(f"--median-filter must be in 0..15, got {median_size}")
+    if not 0 <= median_size <= MAX_MEDIAN_FILTER:
+        raise ConfigError(f"--median-filter must be in 0..{MAX_MEDIAN_FILTER}, got {median_size}")
     for fpr in fprs:
         if not 0 < fpr < 1:
             raise ConfigError(f"false-positive rates must be in (0, 1), got {fpr}")

@@ -70,6 +70,9 @@ PAPER = {"noise_level": 500, "scale": 100.0, "steps": None}
 
 HISTOGRAM_BINS = 4096
 
+MAX_MEDIAN_FILTER = 15
+"""Largest in-plane median filter size, for `--median-filter` and a method's `m=`."""
+
 REGIME_TEXT = {
     "weak": "slice labels only (the classifier, or choosing the DDPM's tumour-free training slices)",
     "unsupervised": "images only, no labels",
@@ -196,8 +199,8 @@ def _parse_method(spec: str, cfg: Config) -> Method:
             raise ConfigError(f"method {spec!r}: expected keys {', '.join(_KEYS)} as KEY=VALUE, got {item!r}")
         values[key] = _parse_value(spec, key, text)
         given.add(key)
-    if values["m"] is not None and not 0 <= values["m"] <= 15:
-        raise ConfigError(f"method {spec!r}: m (median filter) must be in 0..15, got {values['m']}")
+    if values["m"] is not None and not 0 <= values["m"] <= MAX_MEDIAN_FILTER:
+        raise ConfigError(f"method {spec!r}: m (median filter) must be in 0..{MAX_MEDIAN_FILTER}, got {values['m']}")
     if "c" in given:  # a named intensity method, e.g. 'flair-m5:c=0,m=5'
         if given - {"c", "m"}:
             raise ConfigError(f"method {spec!r}: an intensity method (c=) takes only c and m")
@@ -320,12 +323,15 @@ def score_volume(
     encoded: dict[tuple[int, int | None, str, int], torch.Tensor] = {}
     decoded: dict[tuple[int, int | None, str, int, float], SliceExplanation] = {}
     truth_slices = mask_to_slices(truth_volume, state)
+    normalised: np.ndarray | None = None  # the intensity baselines' input, made once per volume
     for method in methods:
         if progress is not None:
             progress(method.name)
         size = median_size if method.median is None else method.median
         if method.kind == "intensity":
-            scores[method.name] = voxels(normalise(scan.data, state, cfg.data)[method.channel], size)
+            if normalised is None:
+                normalised = normalise(scan.data, state, cfg.data)
+            scores[method.name] = voxels(normalised[method.channel], size)
             continue
         parts = []
         for level in method.levels:
@@ -336,14 +342,11 @@ def score_volume(
                         encoded[key] = noise_slices(bundle, prepared.x, level, seed)
                     else:
                         encoded[key] = encode_slices(bundle, prepared.x, level, method.steps, batch_size, amp)
-                if (*key, method.scale) not in decoded:
-                    decoded[(*key, method.scale)] = slice_explanation(
-                        bundle,
-                        prepared.x,
-                        decode_slices(bundle, encoded[key], level, method.scale, method.steps, batch_size, amp),
-                        batch_size,
-                    )
-                parts.append(decoded[(*key, method.scale)])
+                decode_key = (*key, method.scale)
+                if decode_key not in decoded:
+                    x_healthy = decode_slices(bundle, encoded[key], level, method.scale, method.steps, batch_size, amp)
+                    decoded[decode_key] = slice_explanation(bundle, prepared.x, x_healthy, batch_size)
+                parts.append(decoded[decode_key])
         # an ensemble's map is the mean of its parts' maps; its counterfactual is the first part's
         combined = replace(parts[0], anomaly_map=torch.stack([p.anomaly_map for p in parts]).mean(dim=0))
         explanation = assemble_scan(scan, prepared, combined)
