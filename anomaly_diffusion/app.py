@@ -44,6 +44,8 @@ from anomaly_diffusion.evaluation import (
     score_volume,
 )
 from anomaly_diffusion.explain import (
+    RESIDUALS,
+    Residual,
     ScanExplanation,
     auto_batch_size,
     check_explain_options,
@@ -318,6 +320,7 @@ def run_explain(
     threshold: float | None = None,
     compile_networks: bool = False,
     fp32: bool = False,
+    residual: Residual | None = None,
 ) -> ExplainOutcome:
     """Explain one scan with a bundle file or a registered model (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
 
@@ -331,6 +334,9 @@ def run_explain(
     noise_level = cfg.explain.noise_level if noise_level is None else noise_level
     scale = cfg.explain.scale if scale is None else scale
     steps = cfg.explain.steps if steps is None else steps
+    residual = residual or cfg.explain.residual
+    if residual not in RESIDUALS:
+        raise ConfigError(f"--residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
     batch_size = batch_size or cfg.explain.batch_size or auto_batch_size(bundle)
     check_explain_options(bundle, noise_level, scale, steps)
     scan = load_scan(list(scans), expected_channels=cfg.data.image_channels)
@@ -349,7 +355,16 @@ def run_explain(
     for path in outputs.values():
         check_writable(path, overwrite)
     explanation = explain_scan(
-        bundle, scan, noise_level, scale, steps, batch_size, brainmask=brain, amp=cfg.train.amp, progress=progress
+        bundle,
+        scan,
+        noise_level,
+        scale,
+        steps,
+        batch_size,
+        brainmask=brain,
+        amp=cfg.train.amp,
+        progress=progress,
+        residual=residual,
     )
     slices = explanation.slices
     scores = explanation.anomaly_map[explanation.foreground & explained_region(explanation)]
@@ -391,10 +406,11 @@ def run_explain(
         outputs["montage"],
         truth_slices,
     )
-    params = {
+    params: dict[str, object] = {
         "noise_level": noise_level,
         "scale": scale,
         "steps": steps if steps is not None else noise_level,
+        "residual": residual,
         "batch_size": batch_size,
         "precision": precision_name(next(bundle.unet.parameters()).device, cfg.train.amp),
         "inputs": ";".join(p.name for p in scans),
@@ -422,7 +438,7 @@ def run_explain(
 def _run_description(params: dict[str, object], metrics: dict[str, float]) -> str:
     lines = [
         f"Explained `{params['inputs']}` with L={params['noise_level']}, s={params['scale']}, "
-        f"K={params['steps']} DDIM steps.",
+        f"K={params['steps']} DDIM steps; map: {params['residual']} residual.",
         "",
         f"- p(healthy) before: {metrics['p_healthy_before_mean']:.3f} (mean over slices), "
         f"after: {metrics['p_healthy_after_mean']:.3f}",

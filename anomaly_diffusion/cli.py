@@ -239,6 +239,14 @@ def explain(
     ] = None,
     compile_networks: Compile = False,
     fp32: Fp32 = False,
+    residual: Annotated[
+        str | None,
+        typer.Option(
+            "--residual",
+            help="Map: abs (|x - x_healthy|), positive (only where the scan is brighter than healthy: "
+            "FLAIR/T2 lesions) or negative. Default: the model's explain.residual.",
+        ),
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
@@ -269,6 +277,7 @@ def explain(
             threshold,
             compile_networks,
             fp32,
+            residual,  # type: ignore[arg-type]  # checked by run_explain
         )
     _print_explain(outcome)
 

@@ -127,6 +127,9 @@ class ExplainConfig(_Strict):
     compile: bool = False  # torch.compile both networks for explain (pays off for many volumes)
     montage_slices: int = Field(4, ge=1)
     threshold: float | None = None  # anomaly volume threshold; None = Otsu over the scan's foreground scores
+    # which differences make the map: 'abs' |x - x_healthy| (Wolleb 2022), 'positive' only where the scan is
+    # brighter than its counterfactual (hyperintense lesions: FLAIR, T2), 'negative' only where it is darker
+    residual: Literal["abs", "positive", "negative"] = "abs"
 
 
 class TrackingConfig(_Strict):

@@ -40,6 +40,7 @@ from anomaly_diffusion.data.transforms import (
 )
 from anomaly_diffusion.errors import ConfigError, InputError
 from anomaly_diffusion.explain import (
+    Residual,
     SliceExplanation,
     assemble_scan,
     check_explain_options,
@@ -96,6 +97,8 @@ class Method:
             DDPM forward process, one draw per seed).
         seeds: with 'noise' encoding, how many draws' maps are averaged.
         median: this method's in-plane median filter size (None: the evaluation's).
+        residual: the map's residual (`explain.residual_map`: abs, positive, negative); None: the
+            bundle's `explain.residual`.
         regime: the supervision it uses (`REGIMES`); set by `parse_method` from the bundle's config.
     """
 
@@ -109,6 +112,7 @@ class Method:
     encoding: Literal["ddim", "noise"] = "ddim"
     seeds: int = 1
     median: int | None = None
+    residual: Residual | None = None
     regime: str = ""
 
     @property
@@ -126,11 +130,20 @@ class Method:
             text = f"{guidance}, L={levels}, K={self.steps or self.noise_level}"
             if self.encoding == "noise":
                 text += f", noised to L (DDPM forward), mean of {self.seeds} draw(s)"
+            if self.residual is not None:
+                text += f", {self.residual} residual"
         return text if self.median is None else f"{text}, median filter {self.median}"
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m", "c")
+_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "c")
+_RESIDUAL_NAMES: dict[str, Residual] = {
+    "abs": "abs",
+    "pos": "positive",
+    "positive": "positive",
+    "neg": "negative",
+    "negative": "negative",
+}
 
 
 def _parse_value(spec: str, key: str, text: str) -> Any:
@@ -144,6 +157,10 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
             if text not in ("ddim", "noise"):
                 raise ConfigError(f"method {spec!r}: enc must be ddim or noise, got {text!r}")
             return text
+        if key == "r":
+            if text not in _RESIDUAL_NAMES:
+                raise ConfigError(f"method {spec!r}: r must be abs, pos or neg, got {text!r}")
+            return _RESIDUAL_NAMES[text]
         if key in ("n", "m", "c"):
             return int(text)
         return float(text)
@@ -170,7 +187,8 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     - `paper`: L = 500, s = 100, K = L (Wolleb 2022); `intensity` or `intensity:C` (channel C);
     - `NAME:L=300,s=50,K=30`: a named diffusion method. Keys: L (`100+200+300` averages the maps
       of several levels), s, K, enc (`ddim` or `noise`), n (draws averaged with enc=noise), m (a
-      median filter for this method); missing ones come from guided. `NAME:c=0,m=5` is the
+      median filter for this method), r (the map's residual: abs, pos or neg); missing ones come
+      from guided. `NAME:c=0,m=5` is the
       intensity of channel c, median-filtered.
     """
     e = cfg.explain
@@ -190,7 +208,15 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     match = _CUSTOM.match(spec)
     if match is None:
         raise ConfigError(f"unknown method {spec!r}; use guided, unguided, paper, intensity[:C] or NAME:L=..,s=..,K=..")
-    values: dict[str, Any] = {"L": [e.noise_level], "s": e.scale, "K": e.steps, "enc": "ddim", "n": 1, "m": None}
+    values: dict[str, Any] = {
+        "L": [e.noise_level],
+        "s": e.scale,
+        "K": e.steps,
+        "enc": "ddim",
+        "n": 1,
+        "m": None,
+        "r": None,
+    }
     given = set()
     for item in match.group("args").split(","):
         key, sep, text = item.partition("=")
@@ -220,6 +246,7 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         encoding=values["enc"],
         seeds=values["n"],
         median=values["m"],
+        residual=values["r"],
     )
 
 
@@ -319,9 +346,10 @@ def score_volume(
     scores: dict[str, np.ndarray] = {}
     p_healthy: dict[str, tuple[float, float]] = {}
     examples: dict[int, SliceExample] = {}
-    # methods share encodings (same L, K, encoding, draw) and decodings (and the same s)
+    # methods share encodings (same L, K, encoding, draw), decodings (and the same s) and maps (and residual)
     encoded: dict[tuple[int, int | None, str, int], torch.Tensor] = {}
-    decoded: dict[tuple[int, int | None, str, int, float], SliceExplanation] = {}
+    decoded: dict[tuple[int, int | None, str, int, float], torch.Tensor] = {}
+    explained: dict[tuple[int, int | None, str, int, float, str | None], SliceExplanation] = {}
     truth_slices = mask_to_slices(truth_volume, state)
     normalised: np.ndarray | None = None  # the intensity baselines' input, made once per volume
     for method in methods:
@@ -344,9 +372,15 @@ def score_volume(
                         encoded[key] = encode_slices(bundle, prepared.x, level, method.steps, batch_size, amp)
                 decode_key = (*key, method.scale)
                 if decode_key not in decoded:
-                    x_healthy = decode_slices(bundle, encoded[key], level, method.scale, method.steps, batch_size, amp)
-                    decoded[decode_key] = slice_explanation(bundle, prepared.x, x_healthy, batch_size)
-                parts.append(decoded[decode_key])
+                    decoded[decode_key] = decode_slices(
+                        bundle, encoded[key], level, method.scale, method.steps, batch_size, amp
+                    )
+                map_key = (*decode_key, method.residual)
+                if map_key not in explained:
+                    explained[map_key] = slice_explanation(
+                        bundle, prepared.x, decoded[decode_key], batch_size, method.residual
+                    )
+                parts.append(explained[map_key])
         # an ensemble's map is the mean of its parts' maps; its counterfactual is the first part's
         combined = replace(parts[0], anomaly_map=torch.stack([p.anomaly_map for p in parts]).mean(dim=0))
         explanation = assemble_scan(scan, prepared, combined)

@@ -3,6 +3,7 @@
     x_L = ddim_encode(eps_theta, x, L)                                         (no guidance)
     x_healthy = ddim_decode(eps_hat, x_L, L),  eps_hat = eps - s sqrt(1 - alpha_bar_t) grad log p(healthy | x_t)
     anomaly map = sum_c |x_c - x_healthy_c|                                     (Wolleb 2022)
+                  or sum_c max(x_c - x_healthy_c, 0)                (`residual: positive`, bright lesions)
 
 Slices are processed in batches on the model's device; the map is computed at model resolution
 in normalised units and mapped back onto the input's voxel grid.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ SliceProgress = Callable[[int, int], None]
 
 MAX_SCALE = 1e5
 
+Residual = Literal["abs", "positive", "negative"]
+RESIDUALS: tuple[Residual, ...] = ("abs", "positive", "negative")
+
 
 @dataclass(frozen=True)
 class SliceExplanation:
@@ -50,7 +54,7 @@ class SliceExplanation:
     Attributes:
         x: inputs, (N, C, S, S), normalised units.
         x_healthy: healthy counterfactuals, same shape.
-        anomaly_map: sum over channels of |x - x_healthy|, (N, S, S).
+        anomaly_map: the residual summed over channels (`residual_map`), (N, S, S).
         p_healthy_before: p(healthy | x, t=0), (N,).
         p_healthy_after: p(healthy | x_healthy, t=0), (N,).
     """
@@ -256,14 +260,40 @@ def p_healthy_batched(bundle: ModelBundle, x: torch.Tensor, batch_size: int = 32
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+def residual_map(x: torch.Tensor, x_healthy: torch.Tensor, residual: Residual = "abs") -> torch.Tensor:
+    """The anomaly map of inputs x and counterfactuals x_healthy, (N, C, S, S) each -> (N, S, S).
+
+    - abs: sum_c |x_c - x_healthy_c| (Wolleb 2022);
+    - positive: sum_c max(x_c - x_healthy_c, 0): only voxels the counterfactual made darker, i.e. where
+      the scan is brighter than healthy (lesions hyperintense in FLAIR or T2). A prior on the lesion's
+      contrast, not a label: the supervision regime is unchanged;
+    - negative: sum_c max(x_healthy_c - x_c, 0), for hypointense lesions.
+    """
+    difference = x - x_healthy
+    if residual == "abs":
+        return difference.abs().sum(dim=1)
+    if residual == "positive":
+        return difference.clamp(min=0).sum(dim=1)
+    if residual == "negative":
+        return (-difference).clamp(min=0).sum(dim=1)
+    raise ConfigError(f"residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
+
+
 def slice_explanation(
-    bundle: ModelBundle, x: torch.Tensor, x_healthy: torch.Tensor, batch_size: int = 32
+    bundle: ModelBundle,
+    x: torch.Tensor,
+    x_healthy: torch.Tensor,
+    batch_size: int = 32,
+    residual: Residual | None = None,
 ) -> SliceExplanation:
-    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy))."""
+    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy)).
+
+    `residual` None takes the bundle's `explain.residual`.
+    """
     return SliceExplanation(
         x=x,
         x_healthy=x_healthy,
-        anomaly_map=(x - x_healthy).abs().sum(dim=1),
+        anomaly_map=residual_map(x, x_healthy, residual or bundle.config.explain.residual),
         p_healthy_before=p_healthy_batched(bundle, x, batch_size),
         p_healthy_after=p_healthy_batched(bundle, x_healthy, batch_size),
     )
@@ -278,12 +308,13 @@ def explain_slices(
     batch_size: int = 32,
     amp: bool = True,
     progress: SliceProgress | None = None,
+    residual: Residual | None = None,
 ) -> SliceExplanation:
     """Explain model-size slices x (N, C, S, S): encode, guided decode, map, p(healthy) before/after."""
     check_explain_options(bundle, noise_level, scale, steps)
     x_L = encode_slices(bundle, x, noise_level, steps, batch_size, amp)
     x_healthy = decode_slices(bundle, x_L, noise_level, scale, steps, batch_size, amp, progress)
-    return slice_explanation(bundle, x, x_healthy, batch_size)
+    return slice_explanation(bundle, x, x_healthy, batch_size, residual)
 
 
 @dataclass(frozen=True)
@@ -341,6 +372,7 @@ def explain_scan(
     brainmask: np.ndarray | None = None,
     amp: bool = True,
     progress: SliceProgress | None = None,
+    residual: Residual | None = None,
 ) -> ScanExplanation:
     """Preprocess a scan as in training, explain its foreground slices, map results to its grid.
 
@@ -349,5 +381,5 @@ def explain_scan(
     """
     check_explain_options(bundle, noise_level, scale, steps)
     prepared = prepare_scan(bundle, scan, brainmask)
-    result = explain_slices(bundle, prepared.x, noise_level, scale, steps, batch_size, amp, progress)
+    result = explain_slices(bundle, prepared.x, noise_level, scale, steps, batch_size, amp, progress, residual)
     return assemble_scan(scan, prepared, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -92,6 +93,7 @@ def test_explain_errors_are_one_line_and_leave_outputs_untouched(
         "noise level must be in 1..99 ": ["explain", scan, "--noise-level", "0", *base],
         "steps must be in": ["explain", scan, "--noise-level", "10", "--steps", "11", *base],
         "scale must be": ["explain", scan, "--scale", "-1", *base],
+        "--residual must be one of abs, positive, negative": ["explain", scan, "--residual", "both", *base],
         "checkpoint not found": ["explain", scan, "--checkpoint", str(tmp_path / "none.pt"), "--out", str(out)],
         "already exists": ["explain", scan, *base],
         "expects 1 channel": ["explain", scan, scan, *base],
@@ -227,6 +229,18 @@ def test_explain_a_2d_png(tmp_path: Path, tracking_uri: str, bundle: Path) -> No
     anomaly = nib.load(str(out / "xray_anomaly_map.nii.gz"))
     assert anomaly.shape == (26, 30)  # (X = columns, Y = rows) of the PNG
     assert np.allclose(anomaly.affine, np.eye(4))
+
+    # the positive residual keeps only where the image is brighter than its counterfactual
+    positive_out = tmp_path / "positive"
+    args = ["explain", str(tmp_path / "xray.png"), "--checkpoint", str(bundle), "--out", str(positive_out)]
+    result = runner.invoke(app, [*args, "--residual", "positive", "--tracking-uri", tracking_uri])
+    assert result.exit_code == 0, result.output
+    positive = np.asarray(nib.load(str(positive_out / "xray_anomaly_map.nii.gz")).dataobj)
+    both = np.asarray(anomaly.dataobj)
+    assert (positive >= 0).all() and (positive <= both + 1e-5).all()
+    assert 0 < positive.sum() < both.sum()
+    summary = json.loads((positive_out / "xray_explain.json").read_text())
+    assert summary["params"]["residual"] == "positive"
 
 
 def test_registry_flow_train_register_then_explain_by_model_uri(tmp_path: Path, tiny_dataset: Path) -> None:

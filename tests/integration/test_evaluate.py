@@ -33,7 +33,7 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
             "--checkpoint",
             str(bundle),
             "--methods",
-            "guided,unguided,intensity,strong:L=10;s=30;K=5,mix:L=10+20;K=5;enc=noise;n=2;m=0",
+            "guided,unguided,intensity,strong:L=10;s=30;K=5,mix:L=10+20;K=5;enc=noise;n=2;m=0,bright:L=10;s=30;K=5;r=pos",
             "--bootstrap",
             "20",
             "--median-filter",
@@ -50,7 +50,7 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "results.json").read_text())
     by_method = {r["method"]: r for r in report["results"]}
-    assert list(by_method) == ["guided", "unguided", "intensity", "strong", "mix"]
+    assert list(by_method) == ["guided", "unguided", "intensity", "strong", "mix", "bright"]
     assert report["threshold_source"] == "best Dice on the val split"
     assert report["lesion_voxels"] > 0 and report["pathological_slices"] > 0 and report["healthy_slices"] > 0
     # the planted lesions are +80 on a brain of 100 +- 10: intensity alone must find them
@@ -63,6 +63,9 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
         assert set(r["by_size"]) == {"small", "medium", "large"}
         assert set(r["per_volume"]) == {"s5"}
     assert by_method["strong"]["description"] == "guided s=30, L=10, K=5"
+    # same decoding as 'strong', only its brighter-than-healthy part: the planted lesions are bright
+    assert by_method["bright"]["description"] == "guided s=30, L=10, K=5, positive residual"
+    assert by_method["bright"]["auroc"] != by_method["strong"]["auroc"]
     assert (by_method["guided"]["regime"], by_method["intensity"]["regime"]) == ("weak", "none")
     assert "| weak | guided |" in result.output and "| none | intensity |" in result.output
     mix = "guided s=10, L=10+20, K=5, noised to L (DDPM forward), mean of 2 draw(s), median filter 0"
@@ -114,6 +117,7 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "x:q=1"], "expected keys"),
         (["--methods", "x:c=0;L=5"], "takes only c and m"),
         (["--methods", "x:c=7"], "channel must be"),
+        (["--methods", "x:r=both"], "r must be abs, pos or neg"),
         (["--split", "val", "--threshold-split", "val"], "must differ"),
         (["--split", "nope"], "train, val or test"),
         (["--fpr", "2"], "false-positive rates"),
@@ -145,5 +149,9 @@ def test_parse_method_specs() -> None:
     unsupervised = load_config(None, ["data.ddpm_train_on=all"])
     assert parse_method("unguided", unsupervised).regime == "unsupervised"
     assert parse_method("unguided", cfg).regime == "weak"  # its DDPM saw only slices labelled healthy
+    assert guided.residual is None  # the bundle's explain.residual
+    signed = parse_method("bright:L=100,s=300,r=pos", cfg)
+    assert (signed.residual, parse_method("dark:r=neg", cfg).residual) == ("positive", "negative")
+    assert "positive residual" in signed.describe()
     smooth = parse_method("flair-m5:c=0,m=5", cfg)
     assert (smooth.kind, smooth.channel, smooth.median) == ("intensity", 0, 5)
