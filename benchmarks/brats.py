@@ -50,10 +50,16 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Config override (both runs).")
     parser.add_argument(
         "--methods",
-        default="guided,guided-m5:m=5,unguided,paper-L500-K25:L=500;s=100;K=25",
+        default=(
+            "guided,guided-m5:m=5,guided-abs:r=abs,unguided,noise-n4-m5:enc=noise;n=4;m=5,"
+            "L200:L=200;s=100,ens-L100+150:L=100+150,paper-L500-K25:L=500;s=100;K=25;r=abs"
+        ),
         help="Diffusion methods for adiff evaluate (intensity baselines are added per variant).",
     )
     parser.add_argument("--median-filter", type=int, default=0)
+    parser.add_argument(
+        "--reuse", action="store_true", help="Keep a variant's trained WORK/VARIANT/run/bundle.pt: evaluate only."
+    )
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -77,24 +83,28 @@ def main() -> None:
             sets += ["--set", override]
         summary = run([*adiff, "inspect", str(manifest), "--config", "configs/brats64.yaml", *sets], log)
         started = time.perf_counter()
-        trained = run(
-            [
-                *adiff,
-                "train",
-                "--config",
-                "configs/brats64.yaml",
-                *sets,
-                "--out",
-                str(folder / "run"),
-                "--run-name",
-                f"brats-{variant}",
-                "--tracking-uri",
-                uri,
-            ],
-            log,
-        )
-        train_seconds = time.perf_counter() - started
-        probe = run([sys.executable, "benchmarks/probe.py", str(manifest), str(folder / "run" / "bundle.pt")], log)
+        bundle = folder / "run" / "bundle.pt"
+        if args.reuse and bundle.exists():
+            trained = f"reused {bundle} (trained earlier; its time is in the MLflow run brats-{variant})"
+        else:
+            trained = run(
+                [
+                    *adiff,
+                    "train",
+                    "--config",
+                    "configs/brats64.yaml",
+                    *sets,
+                    "--out",
+                    str(folder / "run"),
+                    "--run-name",
+                    f"brats-{variant}",
+                    "--tracking-uri",
+                    uri,
+                ],
+                log,
+            )
+        train_text = "reused" if trained.startswith("reused") else f"{(time.perf_counter() - started) / 60:.1f} min"
+        probe = run([sys.executable, "benchmarks/probe.py", str(manifest), str(bundle)], log)
         started = time.perf_counter()
         evaluated = run(
             [
@@ -104,7 +114,7 @@ def main() -> None:
                 "--split",
                 "val",
                 "--checkpoint",
-                str(folder / "run" / "bundle.pt"),
+                str(bundle),
                 "--methods",
                 f"{args.methods},{baselines}",
                 "--median-filter",
@@ -123,7 +133,7 @@ def main() -> None:
         table = (folder / "evaluation" / "results.md").read_text()
         tables.append(
             f"# {variant} (channels {channels})\n\n```\n{summary.strip()}\n{trained.strip()}\n```\n\n"
-            f"Training {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} min.\n\n{table}\n"
+            f"Training {train_text}, evaluation {eval_seconds / 60:.1f} min.\n\n{table}\n"
             f"### Does the classifier read the slice's level? (benchmarks/probe.py)\n\n{probe.strip()}\n"
         )
         print(tables[-1], flush=True)
