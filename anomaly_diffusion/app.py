@@ -45,6 +45,7 @@ from anomaly_diffusion.evaluation import (
 )
 from anomaly_diffusion.explain import (
     RESIDUALS,
+    Guidance,
     Residual,
     ScanExplanation,
     auto_batch_size,
@@ -321,6 +322,7 @@ def run_explain(
     compile_networks: bool = False,
     fp32: bool = False,
     residual: Residual | None = None,
+    guidance: Guidance | None = None,
 ) -> ExplainOutcome:
     """Explain one scan with a bundle file or a registered model (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
 
@@ -337,8 +339,9 @@ def run_explain(
     residual = residual or cfg.explain.residual
     if residual not in RESIDUALS:
         raise ConfigError(f"--residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
+    guidance = guidance or cfg.explain.guidance
     batch_size = batch_size or cfg.explain.batch_size or auto_batch_size(bundle)
-    check_explain_options(bundle, noise_level, scale, steps)
+    check_explain_options(bundle, noise_level, scale, steps, guidance)
     scan = load_scan(list(scans), expected_channels=cfg.data.image_channels)
     truth = read_mask(mask, scan) if mask is not None else None
     brain = read_mask(brainmask, scan) if brainmask is not None else None
@@ -365,6 +368,7 @@ def run_explain(
         amp=cfg.train.amp,
         progress=progress,
         residual=residual,
+        guidance=guidance,
     )
     slices = explanation.slices
     scores = explanation.anomaly_map[explanation.foreground & explained_region(explanation)]
@@ -411,6 +415,7 @@ def run_explain(
         "scale": scale,
         "steps": steps if steps is not None else noise_level,
         "residual": residual,
+        "guidance": guidance,
         "batch_size": batch_size,
         "precision": precision_name(next(bundle.unet.parameters()).device, cfg.train.amp),
         "inputs": ";".join(p.name for p in scans),
@@ -438,7 +443,7 @@ def run_explain(
 def _run_description(params: dict[str, object], metrics: dict[str, float]) -> str:
     lines = [
         f"Explained `{params['inputs']}` with L={params['noise_level']}, s={params['scale']}, "
-        f"K={params['steps']} DDIM steps; map: {params['residual']} residual.",
+        f"K={params['steps']} DDIM steps, {params['guidance']} guidance; map: {params['residual']} residual.",
         "",
         f"- p(healthy) before: {metrics['p_healthy_before_mean']:.3f} (mean over slices), "
         f"after: {metrics['p_healthy_after_mean']:.3f}",

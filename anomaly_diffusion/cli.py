@@ -247,6 +247,14 @@ def explain(
             "FLAIR/T2 lesions) or negative. Default: the model's explain.residual.",
         ),
     ] = None,
+    guidance: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance",
+            help="slice (log p(healthy | x_t), the paper) or regions (every region of an lse classifier "
+            "towards healthy). Default: the model's explain.guidance.",
+        ),
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
@@ -278,6 +286,7 @@ def explain(
             compile_networks,
             fp32,
             residual,  # type: ignore[arg-type]  # checked by run_explain
+            guidance,  # type: ignore[arg-type]  # checked by run_explain
         )
     _print_explain(outcome)
 

@@ -130,6 +130,9 @@ class ExplainConfig(_Strict):
     # which differences make the map: 'abs' |x - x_healthy| (Wolleb 2022), 'positive' only where the scan is
     # brighter than its counterfactual (hyperintense lesions: FLAIR, T2), 'negative' only where it is darker
     residual: Literal["abs", "positive", "negative"] = "abs"
+    # guidance target: 'slice' log p(healthy | x_t) (Wolleb 2022); 'regions' sum_p log p(region p healthy | x_t),
+    # every region of the multiple-instance (lse) classifier pushed towards healthy
+    guidance: Literal["slice", "regions"] = "slice"
 
 
 class TrackingConfig(_Strict):
@@ -161,6 +164,8 @@ class Config(_Strict):
                 )
         if self.explain.noise_level >= self.schedule.num_timesteps:
             raise ValueError("explain.noise_level must be < schedule.num_timesteps")
+        if self.explain.guidance == "regions" and self.classifier.pooling != "lse":
+            raise ValueError("explain.guidance=regions needs classifier.pooling=lse (per-region logits)")
         return self
 
 

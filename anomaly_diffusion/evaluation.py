@@ -40,6 +40,8 @@ from anomaly_diffusion.data.transforms import (
 )
 from anomaly_diffusion.errors import ConfigError, InputError
 from anomaly_diffusion.explain import (
+    GUIDANCES,
+    Guidance,
     Residual,
     SliceExplanation,
     assemble_scan,
@@ -99,6 +101,8 @@ class Method:
         median: this method's in-plane median filter size (None: the evaluation's).
         residual: the map's residual (`explain.residual_map`: abs, positive, negative); None: the
             bundle's `explain.residual`.
+        guidance: the guidance target (`explain.guided_denoiser`: slice, regions); None: the
+            bundle's `explain.guidance`.
         regime: the supervision it uses (`REGIMES`); set by `parse_method` from the bundle's config.
     """
 
@@ -113,6 +117,7 @@ class Method:
     seeds: int = 1
     median: int | None = None
     residual: Residual | None = None
+    guidance: Guidance | None = None
     regime: str = ""
 
     @property
@@ -130,13 +135,15 @@ class Method:
             text = f"{guidance}, L={levels}, K={self.steps or self.noise_level}"
             if self.encoding == "noise":
                 text += f", noised to L (DDPM forward), mean of {self.seeds} draw(s)"
+            if self.guidance is not None and self.scale > 0:
+                text += f", {self.guidance} guidance"
             if self.residual is not None:
                 text += f", {self.residual} residual"
         return text if self.median is None else f"{text}, median filter {self.median}"
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "c")
+_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c")
 _RESIDUAL_NAMES: dict[str, Residual] = {
     "abs": "abs",
     "pos": "positive",
@@ -161,6 +168,10 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
             if text not in _RESIDUAL_NAMES:
                 raise ConfigError(f"method {spec!r}: r must be abs, pos or neg, got {text!r}")
             return _RESIDUAL_NAMES[text]
+        if key == "g":
+            if text not in GUIDANCES:
+                raise ConfigError(f"method {spec!r}: g must be {' or '.join(GUIDANCES)}, got {text!r}")
+            return text
         if key in ("n", "m", "c"):
             return int(text)
         return float(text)
@@ -187,8 +198,8 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     - `paper`: L = 500, s = 100, K = L (Wolleb 2022); `intensity` or `intensity:C` (channel C);
     - `NAME:L=300,s=50,K=30`: a named diffusion method. Keys: L (`100+200+300` averages the maps
       of several levels), s, K, enc (`ddim` or `noise`), n (draws averaged with enc=noise), m (a
-      median filter for this method), r (the map's residual: abs, pos or neg); missing ones come
-      from guided. `NAME:c=0,m=5` is the
+      median filter for this method), r (the map's residual: abs, pos or neg), g (guidance: slice
+      or regions); missing ones come from guided. `NAME:c=0,m=5` is the
       intensity of channel c, median-filtered.
     """
     e = cfg.explain
@@ -216,6 +227,7 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         "n": 1,
         "m": None,
         "r": None,
+        "g": None,
     }
     given = set()
     for item in match.group("args").split(","):
@@ -247,6 +259,7 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         seeds=values["n"],
         median=values["m"],
         residual=values["r"],
+        guidance=values["g"],
     )
 
 
@@ -261,7 +274,7 @@ def check_methods(methods: Sequence[Method], bundle: ModelBundle) -> None:
         if m.kind == "diffusion":
             try:
                 for level in m.levels:
-                    check_explain_options(bundle, level, m.scale, m.steps)
+                    check_explain_options(bundle, level, m.scale, m.steps, m.guidance)
             except ConfigError as exc:
                 raise ConfigError(f"method {m.name!r}: {exc}") from exc
 
@@ -346,10 +359,11 @@ def score_volume(
     scores: dict[str, np.ndarray] = {}
     p_healthy: dict[str, tuple[float, float]] = {}
     examples: dict[int, SliceExample] = {}
-    # methods share encodings (same L, K, encoding, draw), decodings (and the same s) and maps (and residual)
+    # methods share encodings (same L, K, encoding, draw), decodings (and the same s and guidance) and maps
+    # (and the same residual)
     encoded: dict[tuple[int, int | None, str, int], torch.Tensor] = {}
-    decoded: dict[tuple[int, int | None, str, int, float], torch.Tensor] = {}
-    explained: dict[tuple[int, int | None, str, int, float, str | None], SliceExplanation] = {}
+    decoded: dict[tuple[int, int | None, str, int, float, str], torch.Tensor] = {}
+    explained: dict[tuple[int, int | None, str, int, float, str, str | None], SliceExplanation] = {}
     truth_slices = mask_to_slices(truth_volume, state)
     normalised: np.ndarray | None = None  # the intensity baselines' input, made once per volume
     for method in methods:
@@ -370,10 +384,11 @@ def score_volume(
                         encoded[key] = noise_slices(bundle, prepared.x, level, seed)
                     else:
                         encoded[key] = encode_slices(bundle, prepared.x, level, method.steps, batch_size, amp)
-                decode_key = (*key, method.scale)
+                guidance = method.guidance or cfg.explain.guidance
+                decode_key = (*key, method.scale, guidance if method.scale > 0 else "none")
                 if decode_key not in decoded:
                     decoded[decode_key] = decode_slices(
-                        bundle, encoded[key], level, method.scale, method.steps, batch_size, amp
+                        bundle, encoded[key], level, method.scale, method.steps, batch_size, amp, guidance=guidance
                     )
                 map_key = (*decode_key, method.residual)
                 if map_key not in explained:

@@ -29,7 +29,7 @@ from anomaly_diffusion.data.transforms import (
     to_input_grid,
     to_slices,
 )
-from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn
+from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn, region_grad_fn
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode
 from anomaly_diffusion.diffusion.schedule import ddim_timesteps, q_sample
 from anomaly_diffusion.errors import ConfigError, InputError
@@ -45,6 +45,8 @@ MAX_SCALE = 1e5
 
 Residual = Literal["abs", "positive", "negative"]
 RESIDUALS: tuple[Residual, ...] = ("abs", "positive", "negative")
+Guidance = Literal["slice", "regions"]
+GUIDANCES: tuple[Guidance, ...] = ("slice", "regions")
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,18 @@ class ScanExplanation:
     slice_foreground: torch.Tensor
 
 
-def check_explain_options(bundle: ModelBundle, noise_level: int, scale: float, steps: int | None) -> None:
-    """Range checks with one-line errors: 1 <= L < T, 1 <= K <= L, 0 <= s <= MAX_SCALE."""
+def check_explain_options(
+    bundle: ModelBundle, noise_level: int, scale: float, steps: int | None, guidance: str | None = None
+) -> None:
+    """Checks with one-line errors: 1 <= L < T, 1 <= K <= L, 0 <= s <= MAX_SCALE, a guidance this classifier has."""
     ddim_timesteps(noise_level, steps, bundle.schedule.num_timesteps)
     if not (0 <= scale <= MAX_SCALE) or not np.isfinite(scale):
         raise ConfigError(f"scale must be in 0..{MAX_SCALE:g}, got {scale}")
+    if guidance is not None and guidance not in GUIDANCES:
+        raise ConfigError(f"guidance must be one of {', '.join(GUIDANCES)}, got {guidance!r}")
+    pooling = bundle.config.classifier.pooling
+    if guidance == "regions" and pooling != "lse":
+        raise ConfigError(f"guidance=regions needs a classifier with pooling=lse; this model's pools by {pooling}")
 
 
 def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
@@ -176,11 +185,27 @@ def classifier_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor,
     return _in_mixed_precision(bundle, bundle.classifier, amp)
 
 
+def region_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The `lse` classifier's per-region abnormality logits (B, P), under the denoiser's autocast."""
+    classifier = cast(NoiseAwareClassifier, getattr(bundle.classifier, "_orig_mod", bundle.classifier))
+    return _in_mixed_precision(bundle, classifier.region_logits, amp)
+
+
 def guided_denoiser(
-    bundle: ModelBundle, scale: float, amp: bool
+    bundle: ModelBundle, scale: float, amp: bool, guidance: Guidance | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """eps_hat(x_t, t): the denoiser guided towards HEALTHY with scale s (plain eps_theta when s = 0)."""
-    grad_fn = classifier_grad_fn(classifier_logits(bundle, amp), HEALTHY)
+    """eps_hat(x_t, t): the denoiser guided towards HEALTHY with scale s (plain eps_theta when s = 0).
+
+    `guidance` (None: the bundle's `explain.guidance`): 'slice' follows grad log p(healthy | x_t);
+    'regions' follows grad sum_p log p(region p healthy | x_t) of the multiple-instance classifier.
+    """
+    guidance = guidance or bundle.config.explain.guidance
+    if guidance == "regions":
+        grad_fn = region_grad_fn(region_logits(bundle, amp))
+    elif guidance == "slice":
+        grad_fn = classifier_grad_fn(classifier_logits(bundle, amp), HEALTHY)
+    else:
+        raise ConfigError(f"guidance must be one of {', '.join(GUIDANCES)}, got {guidance!r}")
     return guided_eps_fn(denoiser(bundle, amp), grad_fn, bundle.schedule, scale)
 
 
@@ -230,14 +255,15 @@ def decode_slices(
     batch_size: int = 32,
     amp: bool = True,
     progress: SliceProgress | None = None,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
     """x_healthy = ddim_decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
 
     Only the classifier's input gradient is computed (see `classifier_grad_fn`); with s = 0 the
-    decoding is plain DDIM and runs under `torch.inference_mode`.
+    decoding is plain DDIM and runs under `torch.inference_mode`. `guidance`: see `guided_denoiser`.
     """
     device = next(bundle.unet.parameters()).device
-    guided = guided_denoiser(bundle, scale, amp)
+    guided = guided_denoiser(bundle, scale, amp, guidance)
     decoded = []
     for start in range(0, x_L.shape[0], batch_size):
         batch = _to_device(x_L[start : start + batch_size], device)
@@ -309,11 +335,12 @@ def explain_slices(
     amp: bool = True,
     progress: SliceProgress | None = None,
     residual: Residual | None = None,
+    guidance: Guidance | None = None,
 ) -> SliceExplanation:
     """Explain model-size slices x (N, C, S, S): encode, guided decode, map, p(healthy) before/after."""
     check_explain_options(bundle, noise_level, scale, steps)
     x_L = encode_slices(bundle, x, noise_level, steps, batch_size, amp)
-    x_healthy = decode_slices(bundle, x_L, noise_level, scale, steps, batch_size, amp, progress)
+    x_healthy = decode_slices(bundle, x_L, noise_level, scale, steps, batch_size, amp, progress, guidance)
     return slice_explanation(bundle, x, x_healthy, batch_size, residual)
 
 
@@ -373,6 +400,7 @@ def explain_scan(
     amp: bool = True,
     progress: SliceProgress | None = None,
     residual: Residual | None = None,
+    guidance: Guidance | None = None,
 ) -> ScanExplanation:
     """Preprocess a scan as in training, explain its foreground slices, map results to its grid.
 
@@ -381,5 +409,7 @@ def explain_scan(
     """
     check_explain_options(bundle, noise_level, scale, steps)
     prepared = prepare_scan(bundle, scan, brainmask)
-    result = explain_slices(bundle, prepared.x, noise_level, scale, steps, batch_size, amp, progress, residual)
+    result = explain_slices(
+        bundle, prepared.x, noise_level, scale, steps, batch_size, amp, progress, residual, guidance
+    )
     return assemble_scan(scan, prepared, result)

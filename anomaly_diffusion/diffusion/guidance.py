@@ -2,7 +2,8 @@
 
     eps_hat(x_t, t) = eps_theta(x_t, t) - s * sqrt(1 - alpha_bar_t) * grad_x log p(y | x_t, t)
 
-Wolleb et al. 2022 guide the decoding towards y = HEALTHY with the noise-aware classifier.
+Wolleb et al. 2022 guide the decoding towards y = HEALTHY with the noise-aware classifier. With a
+multiple-instance classifier the target may also be every region healthy (`region_grad_fn`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,25 @@ def classifier_grad_fn(classifier: Callable[[torch.Tensor, torch.Tensor], torch.
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             log_p = torch.log_softmax(classifier(x, t).float(), dim=1)[:, target]
+            (grad,) = torch.autograd.grad(log_p.sum(), x)
+        return grad.detach()
+
+    return fn
+
+
+def region_grad_fn(region_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> GradFn:
+    """grad_x sum_p log p(region p healthy | x_t, t) = grad_x sum_p -softplus(a_p), a_p the region logits (B, P).
+
+    The "every region healthy" target of a multiple-instance classifier: where the slice target
+    log p(healthy | x_t) = -softplus(LSE_p a_p - log P) stops pushing once the most abnormal region
+    looks healthy, this one pushes every region in proportion to sigmoid(a_p), so the rim of a
+    large lesion keeps being pushed after its core is gone. The labels stay slice-level.
+    """
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = -torch.nn.functional.softplus(region_logits(x, t).float())
             (grad,) = torch.autograd.grad(log_p.sum(), x)
         return grad.detach()
 

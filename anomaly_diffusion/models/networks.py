@@ -16,6 +16,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 from torch import nn
 
 from anomaly_diffusion.config import ClassifierConfig, UNetConfig
+from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.labels import LABEL_NAMES, PATHOLOGICAL
 
 
@@ -71,9 +72,9 @@ class NoiseAwareClassifier(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2) for x_t (B, C, *spatial) at timesteps t (B,)."""
-        features = self.trunk(x_t, t).reshape(x_t.shape[0], self.width, -1)  # (B, C_L, positions)
         if self.pooling == "lse":
-            return self._mil_logits(self.head(features)[:, 0])
+            return self._mil_logits(self.region_logits(x_t, t))
+        features = self.trunk(x_t, t).reshape(x_t.shape[0], self.width, -1)  # (B, C_L, positions)
         if self.attention is None:
             pooled = features.mean(dim=2)
         else:
@@ -81,6 +82,17 @@ class NoiseAwareClassifier(nn.Module):
             pooled = (features * weights.transpose(1, 2)).sum(dim=2)
         logits: torch.Tensor = self.head(pooled)
         return logits
+
+    def region_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The `lse` head's per-region abnormality logits a_p (B, P), P = positions of the last feature map.
+
+        sigmoid(a_p) reads as p(region p is abnormal | x_t, t); trained only through the pooled slice label.
+        """
+        if self.pooling != "lse":
+            raise ConfigError(f"region logits need classifier.pooling=lse, this classifier pools by {self.pooling!r}")
+        features = self.trunk(x_t, t).reshape(x_t.shape[0], self.width, -1)  # (B, C_L, positions)
+        regions: torch.Tensor = self.head(features)[:, 0]
+        return regions
 
     @staticmethod
     def _mil_logits(abnormality: torch.Tensor) -> torch.Tensor:

@@ -243,6 +243,23 @@ def test_explain_a_2d_png(tmp_path: Path, tracking_uri: str, bundle: Path) -> No
     assert summary["params"]["residual"] == "positive"
 
 
+def test_explain_with_region_guidance_of_a_multiple_instance_classifier(
+    tmp_path: Path, tiny_dataset: Path, tracking_uri: str
+) -> None:
+    bundle = train_tiny(tmp_path, tiny_dataset, tracking_uri, "--set", "classifier.pooling=lse")
+    scan = str(tiny_dataset.parent / "s5_t1.nii.gz")
+    maps = {}
+    for guidance in ("slice", "regions"):
+        out = tmp_path / guidance
+        args = ["explain", scan, "--checkpoint", str(bundle), "--out", str(out), "--scale", "50"]
+        result = runner.invoke(app, [*args, "--guidance", guidance, "--tracking-uri", tracking_uri])
+        assert result.exit_code == 0, result.output
+        maps[guidance] = np.asarray(nib.load(str(out / "s5_t1_anomaly_map.nii.gz")).dataobj)
+        assert json.loads((out / "s5_t1_explain.json").read_text())["params"]["guidance"] == guidance
+    assert np.isfinite(maps["regions"]).all() and maps["regions"].max() > 0
+    assert not np.allclose(maps["slice"], maps["regions"])  # a different push, a different counterfactual
+
+
 def test_registry_flow_train_register_then_explain_by_model_uri(tmp_path: Path, tiny_dataset: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     train_tiny(tmp_path, tiny_dataset, uri, "--register", "brain-ad")

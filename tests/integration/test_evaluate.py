@@ -118,6 +118,8 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "x:c=0;L=5"], "takes only c and m"),
         (["--methods", "x:c=7"], "channel must be"),
         (["--methods", "x:r=both"], "r must be abs, pos or neg"),
+        (["--methods", "x:g=both"], "g must be slice or regions"),
+        (["--methods", "x:g=regions"], "needs a classifier with pooling=lse"),
         (["--split", "val", "--threshold-split", "val"], "must differ"),
         (["--split", "nope"], "train, val or test"),
         (["--fpr", "2"], "false-positive rates"),
@@ -153,5 +155,7 @@ def test_parse_method_specs() -> None:
     signed = parse_method("bright:L=100,s=300,r=pos", cfg)
     assert (signed.residual, parse_method("dark:r=neg", cfg).residual) == ("positive", "negative")
     assert "positive residual" in signed.describe()
+    regions = parse_method("r:g=regions", cfg)
+    assert regions.guidance == "regions" and "regions guidance" in regions.describe()
     smooth = parse_method("flair-m5:c=0,m=5", cfg)
     assert (smooth.kind, smooth.channel, smooth.median) == ("intensity", 0, 5)

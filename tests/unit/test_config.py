@@ -31,6 +31,8 @@ def test_dotted_overrides_are_typed() -> None:
         "unet.channels=[8]",
         "oops",
         "explain.noise_level=1000",
+        "explain.guidance=regions",  # default.yaml's classifier pools by mean: no region logits
+        "explain.residual=both",
     ],
 )
 def test_bad_overrides_give_one_line_config_errors(override: str) -> None:

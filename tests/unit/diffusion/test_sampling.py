@@ -2,7 +2,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps, guided_eps_fn
+from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps, guided_eps_fn, region_grad_fn
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_step
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
@@ -145,6 +145,28 @@ def test_guidance_term_has_closed_form_for_linear_classifier() -> None:
     # towards the other class: W_pathological - sum_k p_k W_k
     other = classifier_grad_fn(classifier, PATHOLOGICAL)(x_t, t)
     assert torch.allclose(other, (W[PATHOLOGICAL] - p @ W).reshape(3, 1, 4, 4), atol=1e-10)
+
+
+def test_region_guidance_has_closed_form_for_linear_region_logits() -> None:
+    """grad_x sum_p -softplus(a_p) with a_p = w_p . x is -sum_p sigmoid(a_p) w_p."""
+    torch.manual_seed(0)
+    regions = torch.nn.Linear(16, 5, bias=True).double()  # 5 regions, each a linear logit of the 4x4 image
+    x_t = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([10, 400, 900])
+
+    def region_logits(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return regions(x.flatten(1))  # (B, P)
+
+    a = region_logits(x_t, t).detach()
+    expected = -(torch.sigmoid(a) @ regions.weight.detach()).reshape(3, 1, 4, 4)
+    grad = region_grad_fn(region_logits)(x_t, t)
+    assert torch.allclose(grad, expected, atol=1e-10)
+    assert regions.weight.grad is None
+    # a region already judged healthy (a_p -> -inf) stops pulling; an abnormal one pulls with weight -> 1
+    with torch.no_grad():
+        regions.bias.copy_(torch.tensor([-1e3, 1e3, -1e3, -1e3, -1e3], dtype=torch.float64))
+    grad = region_grad_fn(region_logits)(x_t, t)
+    assert torch.allclose(grad, -regions.weight[1].detach().reshape(1, 1, 4, 4).expand(3, 1, 4, 4), atol=1e-10)
 
 
 def test_guidance_moves_decoding_towards_healthy() -> None:

@@ -6,7 +6,7 @@ import torch
 
 from anomaly_diffusion.config import ClassifierConfig, Config, load_config
 from anomaly_diffusion.diffusion.schedule import make_schedule
-from anomaly_diffusion.errors import CheckpointError
+from anomaly_diffusion.errors import CheckpointError, ConfigError
 from anomaly_diffusion.models.bundle import load_bundle, save_bundle
 from anomaly_diffusion.models.networks import build_classifier, build_unet
 
@@ -85,3 +85,16 @@ def test_bundle_from_another_config_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="unet weights do not match"):
         load_bundle(path)
+
+
+def test_lse_classifier_pools_its_region_logits_and_others_have_none() -> None:
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(channels=[8, 16], attention_levels=[False, False], num_head_channels=8, norm_num_groups=8)
+    lse = build_classifier(cfg.model_copy(update={"pooling": "lse"}), image_channels=1).eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0, 50])
+    regions = lse.region_logits(x, t)
+    assert regions.shape == (2, 16)  # a 4x4 grid of regions after two downsamplings
+    pathological = torch.logsumexp(regions, dim=1) - torch.log(torch.tensor(16.0))
+    assert torch.allclose(lse(x, t), torch.stack([torch.zeros(2), pathological], dim=1), atol=1e-6)
+    with pytest.raises(ConfigError, match="pooling=lse"):
+        build_classifier(cfg, image_channels=1).region_logits(x, t)
