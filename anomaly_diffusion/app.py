@@ -10,7 +10,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 from skimage.filters import threshold_otsu
 from torch import nn
 
-from anomaly_diffusion.config import Config, config_from_dict, load_config
+from anomaly_diffusion.config import Config, config_from_dict, load_config, override_explain
 from anomaly_diffusion.data.datasets import SliceDataset, VolumeInfo, load_slices
 from anomaly_diffusion.data.io import atomic_write_bytes, check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
@@ -558,6 +558,7 @@ def run_evaluate(
     context: DistContext = SINGLE,
     compile_networks: bool = False,
     fp32: bool = False,
+    explain_overrides: Sequence[str] = (),
 ) -> EvaluateOutcome | None:
     """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
 
@@ -571,6 +572,8 @@ def run_evaluate(
         max_volumes: evaluate only the first N volumes of each split (quick looks).
         context: under torchrun, each rank scores every world_size-th volume and rank 0 gathers
             them, reports and logs; other ranks return None.
+        explain_overrides: `explain.KEY=VALUE` settings replacing the bundle's explain defaults
+            (what `guided` means), e.g. to score a trained model with the defaults of a newer config.
     """
     started = time.perf_counter()
     started_at = time.time()
@@ -587,6 +590,8 @@ def run_evaluate(
             "evaluated volumes is the oracle, which is reported anyway as Dice (best)"
         )
     bundle, checkpoint_name, model_ref = load_model(checkpoint, tracking_uri, device)
+    if explain_overrides:
+        bundle = replace(bundle, config=override_explain(bundle.config, list(explain_overrides)))
     bundle = prepare_for_inference(bundle, compile_networks or bundle.config.explain.compile, fp32)
     cfg = bundle.config
     parsed = [parse_method(m, cfg) for m in methods]
@@ -657,6 +662,7 @@ def run_evaluate(
         "precision": precision_name(next(bundle.unet.parameters()).device, cfg.train.amp),
         "checkpoint": checkpoint_name,
         "model": model_ref or "",
+        "explain_overrides": ";".join(explain_overrides),
     }
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
     with tracked_run(

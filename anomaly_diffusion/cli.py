@@ -348,6 +348,15 @@ def evaluate(
     overwrite: Overwrite = False,
     compile_networks: Compile = False,
     fp32: Fp32 = False,
+    explain_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="explain.KEY=VALUE replacing the model's explain defaults (what 'guided' means), "
+            "e.g. --set explain.scale=30.",
+        ),
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
@@ -393,6 +402,7 @@ def evaluate(
                 context,
                 compile_networks,
                 fp32,
+                explain_set or [],
             )
         finally:
             shutdown(context)

@@ -208,6 +208,14 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
         raise ConfigError(f"{source}: {where}: {first['msg']}") from exc
 
 
+def override_explain(cfg: Config, overrides: list[str]) -> Config:
+    """A trained model's config with `explain.*` overrides (its networks, data and schedule are fixed)."""
+    for key, _ in parse_overrides(overrides):
+        if not key.startswith("explain."):
+            raise ConfigError(f"override {key!r}: only explain.* settings can change for a trained model")
+    return config_from_dict(cfg.model_dump(mode="json"), overrides, source="--set")
+
+
 def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (defaults when path is None) and apply dotted overrides.
 

@@ -135,9 +135,9 @@ class Method:
             text = f"{guidance}, L={levels}, K={self.steps or self.noise_level}"
             if self.encoding == "noise":
                 text += f", noised to L (DDPM forward), mean of {self.seeds} draw(s)"
-            if self.guidance is not None and self.scale > 0:
+            if self.guidance not in (None, "slice") and self.scale > 0:  # the paper's choices go unsaid
                 text += f", {self.guidance} guidance"
-            if self.residual is not None:
+            if self.residual not in (None, "abs"):
                 text += f", {self.residual} residual"
         return text if self.median is None else f"{text}, median filter {self.median}"
 
@@ -195,7 +195,8 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     """A method from its command-line spec.
 
     - `guided`: the bundle's explain defaults (L, s, K); `unguided`: the same with s = 0;
-    - `paper`: L = 500, s = 100, K = L (Wolleb 2022); `intensity` or `intensity:C` (channel C);
+    - `paper`: L = 500, s = 100, K = L, slice guidance, abs residual (Wolleb 2022);
+    - `intensity` or `intensity:C` (channel C);
     - `NAME:L=300,s=50,K=30`: a named diffusion method. Keys: L (`100+200+300` averages the maps
       of several levels), s, K, enc (`ddim` or `noise`), n (draws averaged with enc=noise), m (a
       median filter for this method), r (the map's residual: abs, pos or neg), g (guidance: slice
@@ -205,11 +206,12 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     e = cfg.explain
     spec = spec.strip()
     if spec == "guided":
-        return Method("guided", "diffusion", e.noise_level, e.scale, e.steps)
+        return Method("guided", "diffusion", e.noise_level, e.scale, e.steps, residual=e.residual, guidance=e.guidance)
     if spec == "unguided":
-        return Method("unguided", "diffusion", e.noise_level, 0.0, e.steps)
+        return Method("unguided", "diffusion", e.noise_level, 0.0, e.steps, residual=e.residual)
     if spec == "paper":
-        return Method("paper", "diffusion", int(PAPER["noise_level"]), float(PAPER["scale"]), None)  # type: ignore[arg-type]
+        level, scale = int(PAPER["noise_level"]), float(PAPER["scale"])  # type: ignore[arg-type]
+        return Method("paper", "diffusion", level, scale, None, residual="abs", guidance="slice")
     if spec == "intensity" or spec.startswith("intensity:"):
         channel_text = spec.partition(":")[2] or "0"
         if not channel_text.isdigit() or int(channel_text) >= cfg.data.image_channels:
@@ -226,8 +228,8 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         "enc": "ddim",
         "n": 1,
         "m": None,
-        "r": None,
-        "g": None,
+        "r": e.residual,
+        "g": e.guidance,
     }
     given = set()
     for item in match.group("args").split(","):

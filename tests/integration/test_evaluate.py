@@ -90,9 +90,12 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
     out = tmp_path / "loo"
     args = ["evaluate", str(tiny_dataset), "--split", "train", "--max-volumes", "3", "--checkpoint", str(bundle)]
     args += ["--methods", "unguided,intensity", "--bootstrap", "50", "--out", str(out), "--tracking-uri", tracking_uri]
+    # the trained model's explain defaults replaced: 'unguided' now decodes from L=10 in 2 steps
+    args += ["--set", "explain.noise_level=10", "--set", "explain.steps=2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "results.json").read_text())
+    assert report["results"][0]["description"] == "unguided reconstruction, L=10, K=2"
     assert report["threshold_source"].startswith("best Dice on the other volumes")
     intensity = report["results"][1]
     assert len(intensity["per_volume"]) == 3
@@ -119,6 +122,8 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "x:c=7"], "channel must be"),
         (["--methods", "x:r=both"], "r must be abs, pos or neg"),
         (["--methods", "x:g=both"], "g must be slice or regions"),
+        (["--set", "data.image_size=32"], "only explain.* settings can change"),
+        (["--set", "explain.guidance=regions"], "guidance=regions needs classifier.pooling=lse"),
         (["--methods", "x:g=regions"], "needs a classifier with pooling=lse"),
         (["--split", "val", "--threshold-split", "val"], "must differ"),
         (["--split", "nope"], "train, val or test"),
@@ -151,11 +156,14 @@ def test_parse_method_specs() -> None:
     unsupervised = load_config(None, ["data.ddpm_train_on=all"])
     assert parse_method("unguided", unsupervised).regime == "unsupervised"
     assert parse_method("unguided", cfg).regime == "weak"  # its DDPM saw only slices labelled healthy
-    assert guided.residual is None  # the bundle's explain.residual
+    assert (guided.residual, guided.guidance) == ("abs", "slice")  # the bundle's explain defaults
     signed = parse_method("bright:L=100,s=300,r=pos", cfg)
     assert (signed.residual, parse_method("dark:r=neg", cfg).residual) == ("positive", "negative")
     assert "positive residual" in signed.describe()
     regions = parse_method("r:g=regions", cfg)
     assert regions.guidance == "regions" and "regions guidance" in regions.describe()
+    brats = load_config(None, ["classifier.pooling=lse", "explain.guidance=regions", "explain.residual=positive"])
+    assert parse_method("guided", brats).describe().endswith("regions guidance, positive residual")
+    assert parse_method("paper-ish:g=slice;r=abs".replace(";", ","), brats).describe() == "guided s=100, L=500, K=500"
     smooth = parse_method("flair-m5:c=0,m=5", cfg)
     assert (smooth.kind, smooth.channel, smooth.median) == ("intensity", 0, 5)
