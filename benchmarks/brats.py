@@ -14,12 +14,15 @@ is leave-one-volume-out and the bootstrap intervals over 2 volumes are wide: rea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from anomaly_diffusion.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -85,8 +88,13 @@ def main() -> None:
         summary = run([*adiff, "inspect", str(manifest), "--config", "configs/brats64.yaml", *sets], log)
         started = time.perf_counter()
         bundle = folder / "run" / "bundle.pt"
+        explain_sets: list[str] = []
         if args.reuse and bundle.exists():
             trained = f"reused {bundle} (trained earlier; its time is in the MLflow run brats-{variant})"
+            # a reused bundle keeps the explain defaults it was trained with: score it with today's
+            explain = load_config(ROOT / "configs" / "brats64.yaml", args.overrides).explain.model_dump(mode="json")
+            for key, value in explain.items():
+                explain_sets += ["--set", f"explain.{key}={json.dumps(value)}"]
         else:
             trained = run(
                 [
@@ -127,6 +135,7 @@ def main() -> None:
                 "--overwrite",
                 "--tracking-uri",
                 uri,
+                *explain_sets,
             ],
             log,
         )
