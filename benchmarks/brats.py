@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=(
-            "guided,guided-m5:m=5,guided-abs:r=abs,slice-s300:g=slice;s=300,regions-s100:s=100,unguided,"
-            "noise-n4-m5:enc=noise;n=4;m=5,L200:L=200,ens-L100-150:L=100+150,"
+            "guided,guided-m5:m=5,guided-abs:r=abs,regions-s30:g=regions;s=30,regions-s100:g=regions;s=100,"
+            "unguided,noise-n4-m5:enc=noise;n=4;m=5,L200:L=200,ens-L100-150:L=100+150,"
             "paper-L500-K25:L=500;s=100;K=25;g=slice;r=abs"
         ),
         help="Diffusion methods for adiff evaluate (intensity baselines are added per variant).",
