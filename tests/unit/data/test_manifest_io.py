@@ -54,8 +54,8 @@ def test_bad_scans_give_one_line_errors(tmp_path: Path) -> None:
         _nifti(tmp_path / "nan.nii.gz", nan): "NaN or Inf",
         _nifti(tmp_path / "zero.nii.gz", np.zeros((10, 10, 3), np.float32)): "constant",
         _nifti(tmp_path / "4d.nii.gz", np.ones((10, 10, 3, 2), np.float32)): "4D image",
-        tmp_path / "text.nii.gz": "",
-        truncated: "",
+        tmp_path / "text.nii.gz": "not a NIfTI image",
+        truncated: "not a NIfTI image",
     }
     for path, message in cases.items():
         with pytest.raises(InputError, match=message) as info:
