@@ -50,6 +50,7 @@ from anomaly_diffusion.explain import (
     encode_slices,
     noise_slices,
     prepare_scan,
+    residual_map,
     slice_explanation,
 )
 from anomaly_diffusion.metrics import (
@@ -361,11 +362,10 @@ def score_volume(
     scores: dict[str, np.ndarray] = {}
     p_healthy: dict[str, tuple[float, float]] = {}
     examples: dict[int, SliceExample] = {}
-    # methods share encodings (same L, K, encoding, draw), decodings (and the same s and guidance) and maps
-    # (and the same residual)
+    # methods share encodings (same L, K, encoding, draw) and decodings (and the same s and guidance); the
+    # residual only changes the map, which is recomputed from the shared decoding
     encoded: dict[tuple[int, int | None, str, int], torch.Tensor] = {}
-    decoded: dict[tuple[int, int | None, str, int, float, str], torch.Tensor] = {}
-    explained: dict[tuple[int, int | None, str, int, float, str, str | None], SliceExplanation] = {}
+    decoded: dict[tuple[int, int | None, str, int, float, str], SliceExplanation] = {}
     truth_slices = mask_to_slices(truth_volume, state)
     normalised: np.ndarray | None = None  # the intensity baselines' input, made once per volume
     for method in methods:
@@ -389,15 +389,13 @@ def score_volume(
                 guidance = method.guidance or cfg.explain.guidance
                 decode_key = (*key, method.scale, guidance if method.scale > 0 else "none")
                 if decode_key not in decoded:
-                    decoded[decode_key] = decode_slices(
+                    x_healthy = decode_slices(
                         bundle, encoded[key], level, method.scale, method.steps, batch_size, amp, guidance=guidance
                     )
-                map_key = (*decode_key, method.residual)
-                if map_key not in explained:
-                    explained[map_key] = slice_explanation(
-                        bundle, prepared.x, decoded[decode_key], batch_size, method.residual
-                    )
-                parts.append(explained[map_key])
+                    decoded[decode_key] = slice_explanation(bundle, prepared.x, x_healthy, batch_size)
+                shared = decoded[decode_key]
+                residual = method.residual or cfg.explain.residual
+                parts.append(replace(shared, anomaly_map=residual_map(shared.x, shared.x_healthy, residual)))
         # an ensemble's map is the mean of its parts' maps; its counterfactual is the first part's
         combined = replace(parts[0], anomaly_map=torch.stack([p.anomaly_map for p in parts]).mean(dim=0))
         explanation = assemble_scan(scan, prepared, combined)

@@ -187,8 +187,7 @@ def classifier_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor,
 
 def region_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The `lse` classifier's per-region abnormality logits (B, P), under the denoiser's autocast."""
-    classifier = cast(NoiseAwareClassifier, getattr(bundle.classifier, "_orig_mod", bundle.classifier))
-    return _in_mixed_precision(bundle, classifier.region_logits, amp)
+    return _in_mixed_precision(bundle, bundle.classifier.region_logits, amp)
 
 
 def guided_denoiser(

@@ -89,7 +89,8 @@ def main() -> None:
         started = time.perf_counter()
         bundle = folder / "run" / "bundle.pt"
         explain_sets: list[str] = []
-        if args.reuse and bundle.exists():
+        reused = args.reuse and bundle.exists()
+        if reused:
             trained = f"reused {bundle} (trained earlier; its time is in the MLflow run brats-{variant})"
             # a reused bundle keeps the explain defaults it was trained with: score it with today's
             explain = load_config(ROOT / "configs" / "brats64.yaml", args.overrides).explain.model_dump(mode="json")
@@ -112,7 +113,7 @@ def main() -> None:
                 ],
                 log,
             )
-        train_text = "reused" if trained.startswith("reused") else f"{(time.perf_counter() - started) / 60:.1f} min"
+        train_text = "reused" if reused else f"{(time.perf_counter() - started) / 60:.1f} min"
         probe = run([sys.executable, "benchmarks/probe.py", str(manifest), str(bundle)], log)
         started = time.perf_counter()
         evaluated = run(
