@@ -1,37 +1,45 @@
-"""The `adiff` command line: thin typer commands over `anomaly_diffusion.app`.
+"""The `adiff` command line: thin typer commands over `anomaly_diffusion.usecases`.
 
-User errors (`AdiffError`) become one line on stderr and exit code 1; Ctrl-C exits 130.
+Terminal concerns (one-line errors, progress bars with time remaining) are in `terminal.py`.
+
+Each command turns its options into a request (or keyword arguments) for one use case and prints
+the outcome. User errors (`AdiffError`) and option values that the parser refuses become one line
+on stderr and exit code 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from anomaly_diffusion import __version__
-from anomaly_diffusion.errors import AdiffError
+from anomaly_diffusion.diffusion.guidance import GUIDANCE
+from anomaly_diffusion.errors import ConfigError
+from anomaly_diffusion.residuals import RESIDUALS
+from anomaly_diffusion.terminal import (
+    OneLineErrors,
+    choice,
+    console,
+    one_line_errors,
+    out,
+    phase_progress,
+    print_data,
+    progress_bars,
+    slice_progress,
+)
 
 app = typer.Typer(
     name="adiff",
+    cls=OneLineErrors,
     help="Find and explain anomalies in medical scans with classifier-guided diffusion models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 TrackingUri = Annotated[
     str | None,
@@ -41,19 +49,18 @@ TrackingUri = Annotated[
         help="MLflow tracking URI (default: sqlite:///mlruns.db in the current folder).",
     ),
 ]
-
-
-def _model_option() -> Any:
-    return typer.Option(
+ModelRef = Annotated[
+    str | None,
+    typer.Option(
         "--checkpoint",
         "--model",
         help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
-    )
-
-
-ModelRef = Annotated[str | None, _model_option()]
-BatchSize = Annotated[int | None, typer.Option("--batch-size", min=1, help="Slices per batch.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+    ),
+]
+BatchSize = Annotated[
+    int | None, typer.Option("--batch-size", min=1, help="Slices per batch (default: the model's explain.batch_size).")
+]
+Device = Annotated[str, typer.Option("--device", **choice(("auto", "cpu", "cuda")))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
@@ -66,13 +73,6 @@ Fp32 = Annotated[
         "CUDA or a CPU with AMX; 2-3x faster, maps differ by ~1e-3).",
     ),
 ]
-
-
-def _check_device(device: str) -> None:
-    from anomaly_diffusion.errors import ConfigError
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
 
 
 def _uri(option: str | None, configured: str | None = None) -> str:
@@ -89,65 +89,8 @@ def _distributed_context() -> Any:
     return init_distributed(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _quiet_library_logs() -> None:
-    # nibabel logs header "fixes" of odd files and alembic logs migrations: not for users' eyes
-    for name in ("nibabel", "alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _one_line_errors(command: F) -> F:
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _quiet_library_logs()
-        try:
-            return command(*args, **kwargs)
-        except AdiffError as exc:
-            message = " ".join(str(exc).split())
-            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]", highlight=False)
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def _progress() -> Iterator[Progress]:
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        yield progress
-
-
-def _phase_progress(progress: Progress) -> Callable[[str, int, int, dict[str, float]], None]:
-    tasks: dict[str, Any] = {}
-    last_print: dict[str, float] = {}
-
-    def update(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
-        if phase not in tasks:
-            tasks[phase] = progress.add_task(phase, total=total, info="")
-        info = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        if info:
-            progress.update(tasks[phase], completed=step, info=info)
-        else:
-            progress.update(tasks[phase], completed=step)
-        now = time.monotonic()
-        if not console.is_terminal and info and (now - last_print.get(phase, 0.0) > 15 or step == total):
-            last_print[phase] = now
-            console.print(f"{phase} {step}/{total} {info}", highlight=False)
-
-    return update
-
-
 @app.command()
-@_one_line_errors
+@one_line_errors
 def train(
     config: Annotated[
         str | None, typer.Option("--config", "-c", help="YAML config file, or a packaged one: default, demo, tiny.")
@@ -171,11 +114,12 @@ def train(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Train the DDPM and the noise-aware classifier on a manifest; save a model bundle."""
-    from anomaly_diffusion.app import resolve_config_path, run_train
     from anomaly_diffusion.config import load_config
     from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.errors import TrackingError
     from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI, make_client
+    from anomaly_diffusion.usecases.common import resolve_config_path
+    from anomaly_diffusion.usecases.train import run_train
 
     given = config is not None or bool(overrides)
     cfg = load_config(resolve_config_path(config), overrides or []) if given or resume is None else None
@@ -186,16 +130,21 @@ def train(
         except TrackingError as exc:
             console.print(f"warning: {exc}; logging to {DEFAULT_TRACKING_URI} instead", highlight=False)
             uri = DEFAULT_TRACKING_URI
-
-    def on_data(summary: dict[str, dict[str, int]]) -> None:
-        for split, counts in summary.items():
-            console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
-
     context = _distributed_context()
     try:
-        with _progress() as progress:
-            phase_progress = _phase_progress(progress) if context.is_main else None
-            outcome = run_train(cfg, uri, out_dir, run_name, phase_progress, on_data, resume, register, context)
+        with progress_bars() as progress:
+            on_phase = phase_progress(progress) if context.is_main else None
+            outcome = run_train(
+                cfg,
+                uri,
+                out_dir=out_dir,
+                run_name=run_name,
+                progress=on_phase,
+                on_data=print_data,
+                resume=resume,
+                register=register,
+                context=context,
+            )
     finally:
         shutdown(context)
     if not context.is_main:
@@ -213,17 +162,26 @@ def train(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def explain(
     scans: Annotated[
         list[Path], typer.Argument(help="NIfTI file(s) or DICOM series folder(s), one per model channel.")
     ],
     noise_level: Annotated[
-        int | None, typer.Option("--noise-level", "-L", help="Encoding depth L, 1 <= L < T.")
+        int | None,
+        typer.Option(
+            "--noise-level", "-L", help="Encoding depth L, 1 <= L < T (default: the model's explain.noise_level)."
+        ),
     ] = None,
-    scale: Annotated[float | None, typer.Option("--scale", help="Guidance scale s (0 = unguided).")] = None,
+    scale: Annotated[
+        float | None,
+        typer.Option("--scale", help="Guidance scale s, 0 = unguided (default: the model's explain.scale)."),
+    ] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", help="DDIM steps K for encode and for decode (stride L/K).")
+        int | None,
+        typer.Option(
+            "--steps", help="DDIM steps K for encode and for decode, stride L/K (default: the model's explain.steps)."
+        ),
     ] = None,
     checkpoint: ModelRef = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_explain"),
@@ -243,51 +201,44 @@ def explain(
         str | None,
         typer.Option(
             "--residual",
-            help="Map: abs (|x - x_healthy|), positive (only where the scan is brighter than healthy: "
-            "FLAIR/T2 lesions) or negative. Default: the model's explain.residual.",
+            **choice(RESIDUALS.names()),
+            help=f"How the map is made: {RESIDUALS.help()}. Default: the model's explain.residual.",
         ),
     ] = None,
     guidance: Annotated[
         str | None,
         typer.Option(
             "--guidance",
-            help="slice (log p(healthy | x_t), the paper) or regions (every region of an lse classifier "
-            "towards healthy). Default: the model's explain.guidance.",
+            **choice(GUIDANCE.names()),
+            help=f"Guidance target: {GUIDANCE.help()}. Default: the model's explain.guidance.",
         ),
     ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
-    from anomaly_diffusion.app import find_latest_bundle, run_explain
+    from anomaly_diffusion.usecases.explain import ExplainRequest, run_explain
 
-    _check_device(device)
-    bundle_path = checkpoint or find_latest_bundle(Path("adiff_runs"))
-    with _progress() as progress:
-        task = progress.add_task("explain slices", total=None, info="")
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        outcome = run_explain(
-            scans,
-            bundle_path,
-            out_dir,
-            _uri(tracking_uri),
-            noise_level,
-            scale,
-            steps,
-            batch_size,
-            mask,
-            brainmask,
-            overwrite,
-            device,
-            update,
-            threshold,
-            compile_networks,
-            fp32,
-            residual,  # type: ignore[arg-type]  # checked by run_explain
-            guidance,  # type: ignore[arg-type]  # checked by run_explain
-        )
+    request = ExplainRequest(
+        scans=scans,
+        out_dir=out_dir,
+        tracking_uri=_uri(tracking_uri),
+        model=checkpoint,
+        noise_level=noise_level,
+        scale=scale,
+        steps=steps,
+        guidance=guidance,
+        residual=residual,
+        batch_size=batch_size,
+        mask=mask,
+        brainmask=brainmask,
+        threshold=threshold,
+        overwrite=overwrite,
+        device=device,
+        compile_networks=compile_networks,
+        fp32=fp32,
+    )
+    with progress_bars() as progress:
+        outcome = run_explain(request, slice_progress(progress))
     _print_explain(outcome)
 
 
@@ -313,7 +264,7 @@ def _print_explain(outcome: Any) -> None:
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def evaluate(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV; the split's rows need lesion masks.")],
     split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val or test.")] = "val",
@@ -325,7 +276,8 @@ def evaluate(
             help="Comma-separated: guided, unguided (s=0), paper (L=500, s=100, K=L), intensity[:C], "
             "NAME:L=..;s=..;K=.. (a named diffusion setting; more keys: L=100+200 averages the maps of "
             "several levels, enc=noise;n=4 encodes by forward noising with 4 draws, m=5 median-filters "
-            "this method's map).",
+            f"this method's map, r= a residual ({'/'.join(RESIDUALS.names())}), g= a guidance target "
+            f"({'/'.join(GUIDANCE.names())})).",
         ),
     ] = "guided,unguided,intensity",
     threshold_split: Annotated[
@@ -360,22 +312,34 @@ def evaluate(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
-    from anomaly_diffusion.app import find_latest_bundle, run_evaluate
     from anomaly_diffusion.distributed import shutdown
-    from anomaly_diffusion.errors import ConfigError
+    from anomaly_diffusion.usecases.evaluate import EvaluateRequest, run_evaluate
 
-    _check_device(device)
-    if split not in ("train", "val", "test") or threshold_split not in (None, "train", "val", "test"):
-        raise ConfigError("--split and --threshold-split must be train, val or test")
     try:
         fprs = [float(f) for f in fpr.split(",") if f.strip()]
     except ValueError as exc:
         raise ConfigError(f"--fpr must be comma-separated numbers, got {fpr!r}") from exc
-    # ';' separates a named method's keys on the command line, where ',' separates methods
-    specs = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
-    specs = _join_method_specs(specs)
-    bundle_path = checkpoint or find_latest_bundle(Path("adiff_runs"))
-    with _progress() as progress:
+    request = EvaluateRequest(
+        manifest=manifest,
+        out_dir=out_dir,
+        tracking_uri=_uri(tracking_uri),
+        model=checkpoint,
+        split=split,
+        # ';' separates a named method's keys on the command line, where ',' separates methods
+        methods=_join_method_specs([m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]),
+        threshold_split=threshold_split,
+        median_size=median_filter,
+        fprs=fprs,
+        bootstrap=bootstrap,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        max_volumes=max_volumes,
+        compile_networks=compile_networks,
+        fp32=fp32,
+        explain_overrides=explain_set or [],
+    )
+    with progress_bars() as progress:
         task = progress.add_task("evaluate volumes", total=None, info="")
 
         def update(done: int, total: int, subject: str, method: str) -> None:
@@ -383,27 +347,7 @@ def evaluate(
 
         context = _distributed_context()
         try:
-            outcome = run_evaluate(
-                manifest,
-                bundle_path,
-                out_dir,
-                _uri(tracking_uri),
-                split,
-                specs,
-                threshold_split,
-                median_filter,
-                fprs,
-                bootstrap,
-                batch_size,
-                device,
-                overwrite,
-                max_volumes,
-                update if context.is_main else None,
-                context,
-                compile_networks,
-                fp32,
-                explain_set or [],
-            )
+            outcome = run_evaluate(request, update if context.is_main else None, context)
         finally:
             shutdown(context)
     if outcome is None:
@@ -426,7 +370,7 @@ def _join_method_specs(specs: list[str]) -> list[str]:
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def demo(
     work_dir: Annotated[Path, typer.Option("--work-dir", help="Where the demo dataset and runs go.")] = Path(
         "adiff_demo"
@@ -438,52 +382,24 @@ def demo(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """End to end, offline: build a dataset from the MNI152 template with synthetic lesions, train, explain."""
-    from anomaly_diffusion.app import demo_config, run_explain, run_train, timestamped
-    from anomaly_diffusion.data.manifest import read_manifest
-    from anomaly_diffusion.data.synthetic import build_demo_dataset
+    from anomaly_diffusion.usecases.demo import DemoHooks, run_demo
 
-    started = time.perf_counter()
-    console.print(f"building demo dataset from the MNI152 template in {work_dir / 'data'} ...", highlight=False)
-    manifest = build_demo_dataset(work_dir / "data", n_subjects=n_subjects)
-    cfg = demo_config(manifest, work_dir / "runs", overrides or [])
-    uri = _uri(tracking_uri, cfg.tracking.uri)
+    def say(text: str) -> None:
+        console.print(text, highlight=False)
 
-    def on_data(summary: dict[str, dict[str, int]]) -> None:
-        for split, counts in summary.items():
-            console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
-
-    with _progress() as progress:
-        trained = run_train(cfg, uri, None, timestamped("demo-train"), _phase_progress(progress), on_data)
-    console.print(f"trained in {trained.seconds:.0f} s: {trained.result.bundle_path}", highlight=False)
-    test = [r for r in read_manifest(manifest, splits=["test"]) if r.mask is not None]
-    lesioned = [r for r in test if _has_lesion(r.mask)]
-    row = (lesioned or test)[0]
-    console.print(f"explaining held-out subject {row.subject} ...", highlight=False)
-    with _progress() as progress:
-        task = progress.add_task("explain slices", total=None, info="")
-        outcome = run_explain(
-            list(row.images),
-            trained.result.bundle_path,
-            work_dir / "explain",
-            uri,
-            mask=row.mask,
-            brainmask=row.brainmask,
-            overwrite=True,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    _print_explain(outcome)
-    out.print(f"training run: {trained.run_id}   store: {uri}   (adiff ui to browse)", highlight=False)
-    out.print(f"demo wall time: {time.perf_counter() - started:.0f} s", highlight=False)
-
-
-def _has_lesion(path: Path | None) -> bool:
-    from anomaly_diffusion.data.io import read_volume
-
-    return path is not None and bool((read_volume(path)[0] > 0).any())
+    with progress_bars() as progress:
+        hooks = DemoHooks(say, phase_progress(progress), print_data, slice_progress(progress))
+        outcome = run_demo(work_dir, tracking_uri, n_subjects, overrides or [], hooks)
+    _print_explain(outcome.explained)
+    out.print(
+        f"training run: {outcome.trained.run_id}   store: {outcome.tracking_uri}   (adiff ui to browse)",
+        highlight=False,
+    )
+    out.print(f"demo wall time: {outcome.seconds:.0f} s", highlight=False)
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def register(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
     name: Annotated[str, typer.Argument(help="Registered model name.")],
@@ -498,15 +414,16 @@ def register(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def inspect(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV.")],
     config: Annotated[str | None, typer.Option("--config", "-c", help="Config whose data section applies.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override.")] = None,
 ) -> None:
     """Summarise a dataset (subjects, slices per label, shapes, spacings, intensities); fail on bad data."""
-    from anomaly_diffusion.app import inspect_dataset, resolve_config_path
     from anomaly_diffusion.config import load_config
+    from anomaly_diffusion.usecases.common import resolve_config_path
+    from anomaly_diffusion.usecases.inspect import inspect_dataset
 
     cfg = load_config(resolve_config_path(config), overrides or [])
     report = inspect_dataset(manifest, cfg)
@@ -522,7 +439,7 @@ def inspect(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def ui(
     port: Annotated[int, typer.Option("--port", help="First port to try.")] = 5000,
     tracking_uri: TrackingUri = None,
@@ -549,13 +466,6 @@ def ui(
 def version() -> None:
     """Print the package version."""
     out.print(__version__)
-
-
-def run_tool(function: Callable[..., None]) -> None:
-    """Run a data_prep script's typer function with the CLI's one-line error handling."""
-    tool = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    tool.command()(_one_line_errors(function))
-    tool()
 
 
 def main() -> None:

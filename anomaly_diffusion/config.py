@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
+from anomaly_diffusion.residuals import RESIDUALS
 
 
 class _Strict(BaseModel):
@@ -127,12 +129,26 @@ class ExplainConfig(_Strict):
     compile: bool = False  # torch.compile both networks for explain (pays off for many volumes)
     montage_slices: int = Field(4, ge=1)
     threshold: float | None = None  # anomaly volume threshold; None = Otsu over the scan's foreground scores
-    # which differences make the map: 'abs' |x - x_healthy| (Wolleb 2022), 'positive' only where the scan is
-    # brighter than its counterfactual (hyperintense lesions: FLAIR, T2), 'negative' only where it is darker
-    residual: Literal["abs", "positive", "negative"] = "abs"
-    # guidance target: 'slice' log p(healthy | x_t) (Wolleb 2022); 'regions' sum_p log p(region p healthy | x_t),
-    # every region of the multiple-instance (lse) classifier pushed towards healthy
-    guidance: Literal["slice", "regions"] = "slice"
+    # which differences make the map, a `residuals.RESIDUALS` name: 'abs' |x - x_healthy| (Wolleb 2022),
+    # 'positive' only where the scan is brighter than its counterfactual (FLAIR, T2), 'negative' darker
+    residual: str = "abs"
+    # guidance target, a `diffusion.guidance.GUIDANCE` name: 'slice' log p(healthy | x_t) (Wolleb 2022);
+    # 'regions' sum_p log p(region p healthy | x_t), every region of the (lse) classifier towards healthy
+    guidance: str = "slice"
+
+    @field_validator("residual")
+    @classmethod
+    def _residual(cls, value: str) -> str:
+        if value not in RESIDUALS:
+            raise ValueError(f"must be one of {', '.join(RESIDUALS.names())}")
+        return value
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, value: str) -> str:
+        if value not in GUIDANCE:
+            raise ValueError(f"must be one of {', '.join(GUIDANCE.names())}")
+        return value
 
 
 class TrackingConfig(_Strict):
@@ -164,8 +180,11 @@ class Config(_Strict):
                 )
         if self.explain.noise_level >= self.schedule.num_timesteps:
             raise ValueError("explain.noise_level must be < schedule.num_timesteps")
-        if self.explain.guidance == "regions" and self.classifier.pooling != "lse":
-            raise ValueError("explain.guidance=regions needs classifier.pooling=lse (per-region logits)")
+        poolings = GUIDANCE.get(self.explain.guidance).function.poolings
+        if poolings and self.classifier.pooling not in poolings:
+            raise ValueError(
+                f"explain.guidance={self.explain.guidance} needs classifier.pooling={' or '.join(poolings)}"
+            )
         return self
 
 

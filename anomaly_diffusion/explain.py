@@ -5,168 +5,121 @@
     anomaly map = sum_c |x_c - x_healthy_c|                                     (Wolleb 2022)
                   or sum_c max(x_c - x_healthy_c, 0)                (`residual: positive`, bright lesions)
 
-Slices are processed in batches on the model's device; the map is computed at model resolution
-in normalised units and mapped back onto the input's voxel grid.
+Every option lives in one immutable `ExplainSettings`, made and checked once by
+`explain_settings`. Slices are processed in batches on the model's device; the map is computed at
+model resolution in normalised units and mapped back onto the input's voxel grid (`scans.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, cast
 
 import numpy as np
 import torch
-from torch import nn
 
 from anomaly_diffusion.data.io import Scan
-from anomaly_diffusion.data.transforms import (
-    PreprocessState,
-    denormalise_delta,
-    fit_preprocess,
-    foreground_mask,
-    mask_to_slices,
-    to_input_grid,
-    to_slices,
-)
-from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps_fn, region_grad_fn
-from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode
-from anomaly_diffusion.diffusion.schedule import ddim_timesteps, q_sample
-from anomaly_diffusion.errors import ConfigError, InputError
+from anomaly_diffusion.diffusion.guidance import GUIDANCE, check_guidance, guided_eps_fn
+from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_decode, ddim_encode, ddim_grid
+from anomaly_diffusion.diffusion.schedule import q_sample
+from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.labels import HEALTHY
 from anomaly_diffusion.models.bundle import ModelBundle
-from anomaly_diffusion.models.networks import NoiseAwareClassifier
-from anomaly_diffusion.training import autocast
+from anomaly_diffusion.registry import Registry
+from anomaly_diffusion.residuals import RESIDUALS, residual_map
+from anomaly_diffusion.runtime import autocast, model_device, to_device
+from anomaly_diffusion.scans import ScanExplanation, SliceExplanation, assemble_scan, prepare_scan
 
 SliceProgress = Callable[[int, int], None]
 """(slices done, slices in total)."""
 
 MAX_SCALE = 1e5
-
-Residual = Literal["abs", "positive", "negative"]
-RESIDUALS: tuple[Residual, ...] = ("abs", "positive", "negative")
-Guidance = Literal["slice", "regions"]
-GUIDANCES: tuple[Guidance, ...] = ("slice", "regions")
-
-
-@dataclass(frozen=True)
-class SliceExplanation:
-    """Explanation of a batch of model-size slices.
-
-    Attributes:
-        x: inputs, (N, C, S, S), normalised units.
-        x_healthy: healthy counterfactuals, same shape.
-        anomaly_map: the residual summed over channels (`residual_map`), (N, S, S).
-        p_healthy_before: p(healthy | x, t=0), (N,).
-        p_healthy_after: p(healthy | x_healthy, t=0), (N,).
-    """
-
-    x: torch.Tensor
-    x_healthy: torch.Tensor
-    anomaly_map: torch.Tensor
-    p_healthy_before: torch.Tensor
-    p_healthy_after: torch.Tensor
-
-
-@dataclass(frozen=True)
-class ScanExplanation:
-    """Explanation of a whole scan, on the input's grid and at model resolution.
-
-    Attributes:
-        anomaly_map: (X, Y, Z) on the input grid, 0 outside the foreground and the explained slices.
-        healthy: (C, X, Y, Z) healthy counterfactual in the input's intensity units.
-        slices: the model-resolution explanation of the kept slices (its map also masked).
-        state: how the scan was preprocessed (kept slice indices, crop, intensities).
-        foreground: (X, Y, Z) bool, the brain/foreground mask the scores are restricted to.
-        slice_foreground: (N, S, S) bool, the same at model resolution.
-    """
-
-    anomaly_map: np.ndarray
-    healthy: np.ndarray
-    slices: SliceExplanation
-    state: PreprocessState
-    foreground: np.ndarray
-    slice_foreground: torch.Tensor
-
-
-def check_explain_options(
-    bundle: ModelBundle, noise_level: int, scale: float, steps: int | None, guidance: str | None = None
-) -> None:
-    """Checks with one-line errors: 1 <= L < T, 1 <= K <= L, 0 <= s <= MAX_SCALE, a guidance this classifier has."""
-    ddim_timesteps(noise_level, steps, bundle.schedule.num_timesteps)
-    if not (0 <= scale <= MAX_SCALE) or not np.isfinite(scale):
-        raise ConfigError(f"scale must be in 0..{MAX_SCALE:g}, got {scale}")
-    if guidance is not None and guidance not in GUIDANCES:
-        raise ConfigError(f"guidance must be one of {', '.join(GUIDANCES)}, got {guidance!r}")
-    pooling = bundle.config.classifier.pooling
-    if guidance == "regions" and pooling != "lse":
-        raise ConfigError(f"guidance=regions needs a classifier with pooling=lse; this model's pools by {pooling}")
-
-
-def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
-    """p(healthy | x, t=0) for clean slices x (N, C, S, S) -> (N,)."""
-    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    with torch.no_grad():
-        return torch.softmax(bundle.classifier(x, t).float(), dim=1)[:, HEALTHY]
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to the model's device, channels-last (NHWC): cuDNN and oneDNN run 2D convolutions
-    fastest so (measured on CPU: 1.6x for the brats64 UNet in fp32, 1.2x in bf16)."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-def prepare_for_inference(bundle: ModelBundle, compile_networks: bool = False, fp32: bool = False) -> ModelBundle:
-    """The bundle made ready to explain: channels-last weights, optionally `torch.compile`d networks.
-
-    Compiling costs minutes up front (and again for a new batch size): worth it for many volumes.
-    `fp32` turns mixed precision off (the returned bundle's `config.train.amp` is False), for
-    results that do not depend on the hardware's bf16 support.
-    """
-    if fp32:
-        config = bundle.config
-        bundle = replace(
-            bundle, config=config.model_copy(update={"train": config.train.model_copy(update={"amp": False})})
-        )
-    unet, classifier = bundle.unet, bundle.classifier
-    unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if next(classifier.parameters()).device.type == "cuda":
-        # not on CPU: there GroupNorm's backward (the guidance gradient) is 2.7x slower in NHWC
-        classifier = classifier.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if compile_networks:
-        unet = cast(nn.Module, torch.compile(unet))
-        classifier = cast(NoiseAwareClassifier, torch.compile(classifier))
-    return replace(bundle, unet=unet, classifier=classifier)
-
-
 CPU_BATCH_SIZE = 32
 MAX_AUTO_BATCH = 512
 
 
-def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) -> int:
-    """Slices per batch that fit in `fraction` of the free GPU memory (measured on one guided step); 32 on CPU."""
-    device = next(bundle.unet.parameters()).device
-    if device.type != "cuda":
-        return CPU_BATCH_SIZE
-    cfg = bundle.config.data
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    x = _to_device(torch.randn(probe, cfg.image_channels, cfg.image_size, cfg.image_size), device)
-    t = torch.full((probe,), 1, dtype=torch.long, device=device)
-    guided = guided_denoiser(bundle, 1.0, True)
-    with torch.no_grad():
-        guided(x, t)
-    per_slice = max((torch.cuda.max_memory_allocated(device) - before) / probe, 1.0)
-    return int(min(max(fraction * free // per_slice, 1), MAX_AUTO_BATCH))
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Everything one explanation depends on; made (and checked) only by `explain_settings`.
+
+    Attributes:
+        grid: the DDIM levels tau_1..tau_K = L shared by encode and decode.
+        scale: s, the guidance scale (0 = unguided reconstruction).
+        guidance: a `GUIDANCE` target.
+        residual: a `RESIDUALS` entry, how the map is made.
+        encoding: an `ENCODINGS` entry, how x_0 becomes x_L.
+        seed: the draw of a stochastic encoding.
+        batch_size: slices per batch.
+        amp: mixed precision where the hardware has it (`runtime.autocast`).
+    """
+
+    grid: DdimGrid
+    scale: float
+    guidance: str
+    residual: str
+    encoding: str = "ddim"
+    seed: int = 0
+    batch_size: int = CPU_BATCH_SIZE
+    amp: bool = True
+
+    @property
+    def noise_level(self) -> int:
+        """L."""
+        return self.grid.noise_level
+
+    @property
+    def encode_key(self) -> tuple[DdimGrid, str, int]:
+        """Settings with equal keys share one encoding."""
+        return (self.grid, self.encoding, self.seed)
+
+    @property
+    def decode_key(self) -> tuple[tuple[DdimGrid, str, int], float, str]:
+        """Settings with equal keys share one decoding (the residual only changes the map)."""
+        return (self.encode_key, self.scale, self.guidance if self.scale > 0 else "none")
+
+
+def explain_settings(
+    bundle: ModelBundle,
+    *,
+    noise_level: int | None = None,
+    steps: int | None = None,
+    scale: float | None = None,
+    guidance: str | None = None,
+    residual: str | None = None,
+    encoding: str = "ddim",
+    seed: int = 0,
+    batch_size: int | None = None,
+    steps_given: bool = False,
+) -> ExplainSettings:
+    """The bundle's `explain` defaults with the given values replacing them, checked once.
+
+    Checks, with one-line errors: 1 <= L < T and 1 <= K <= L (`ddim_grid`), 0 <= s <= MAX_SCALE,
+    a registered guidance target this classifier can give, a registered residual and encoding.
+    `steps` None takes the bundle's `explain.steps` unless `steps_given` (then None means K = L).
+    """
+    e = bundle.config.explain
+    level = e.noise_level if noise_level is None else noise_level
+    grid = ddim_grid(level, steps if steps is not None or steps_given else e.steps, bundle.schedule.num_timesteps)
+    s = e.scale if scale is None else scale
+    if not (0 <= s <= MAX_SCALE) or not np.isfinite(s):
+        raise ConfigError(f"scale must be in 0..{MAX_SCALE:g}, got {s}")
+    target = check_guidance(guidance or e.guidance, bundle.config.classifier.pooling)
+    return ExplainSettings(
+        grid=grid,
+        scale=float(s),
+        guidance=target,
+        residual=RESIDUALS.check(residual or e.residual),
+        encoding=ENCODINGS.check(encoding, "encoding"),
+        seed=seed,
+        batch_size=batch_size or e.batch_size or auto_batch_size(bundle),
+        amp=bundle.config.train.amp,
+    )
 
 
 def _in_mixed_precision(
     bundle: ModelBundle, network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], amp: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    device = next(bundle.unet.parameters()).device
+    device = model_device(bundle)
 
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
@@ -176,239 +129,170 @@ def _in_mixed_precision(
 
 
 def denoiser(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """eps_theta(x_t, t) (B, C, S, S) in fp32, computed under autocast when `amp` (see `training.autocast`)."""
+    """eps_theta(x_t, t) (B, C, S, S) in fp32, computed under autocast when `amp` (see `runtime.autocast`)."""
     return _in_mixed_precision(bundle, bundle.unet, amp)
 
 
-def classifier_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The classifier's logits (B, 2) under the same autocast as the denoiser (for the guidance gradient)."""
-    return _in_mixed_precision(bundle, bundle.classifier, amp)
+@dataclass(frozen=True)
+class _ClassifierOutputs:
+    """The bundle's classifier as a `guidance.GuidanceSource`, under the denoiser's autocast."""
 
-
-def region_logits(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The `lse` classifier's per-region abnormality logits (B, P), under the denoiser's autocast."""
-    return _in_mixed_precision(bundle, bundle.classifier.region_logits, amp)
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    region_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def guided_denoiser(
-    bundle: ModelBundle, scale: float, amp: bool, guidance: Guidance | None = None
+    bundle: ModelBundle, scale: float, amp: bool, guidance: str
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_hat(x_t, t): the denoiser guided towards HEALTHY with scale s (plain eps_theta when s = 0).
 
-    `guidance` (None: the bundle's `explain.guidance`): 'slice' follows grad log p(healthy | x_t);
-    'regions' follows grad sum_p log p(region p healthy | x_t) of the multiple-instance classifier.
+    `guidance` names a `GUIDANCE` target: 'slice' follows grad log p(healthy | x_t); 'regions'
+    follows grad sum_p log p(region p healthy | x_t) of the multiple-instance classifier.
     """
-    guidance = guidance or bundle.config.explain.guidance
-    if guidance == "regions":
-        grad_fn = region_grad_fn(region_logits(bundle, amp))
-    elif guidance == "slice":
-        grad_fn = classifier_grad_fn(classifier_logits(bundle, amp), HEALTHY)
-    else:
-        raise ConfigError(f"guidance must be one of {', '.join(GUIDANCES)}, got {guidance!r}")
+    source = _ClassifierOutputs(
+        logits=_in_mixed_precision(bundle, bundle.classifier, amp),
+        region_logits=_in_mixed_precision(bundle, bundle.classifier.region_logits, amp),
+    )
+    grad_fn = GUIDANCE.get(guidance).function.grad_fn(source)
     return guided_eps_fn(denoiser(bundle, amp), grad_fn, bundle.schedule, scale)
 
 
-def encode_slices(
-    bundle: ModelBundle,
-    x: torch.Tensor,
-    noise_level: int,
-    steps: int | None = None,
-    batch_size: int = 32,
-    amp: bool = True,
-) -> torch.Tensor:
-    """x_L = ddim_encode(eps_theta, x, L) for model-size slices x (N, C, S, S), batch by batch.
+def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) -> int:
+    """Slices per batch that fit in `fraction` of the free GPU memory (measured on one guided step); 32 on CPU."""
+    device = model_device(bundle)
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    cfg = bundle.config.data
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    x = to_device(torch.randn(probe, cfg.image_channels, cfg.image_size, cfg.image_size), device)
+    t = torch.full((probe,), 1, dtype=torch.long, device=device)
+    guided = guided_denoiser(bundle, 1.0, True, bundle.config.explain.guidance)
+    with torch.no_grad():
+        guided(x, t)
+    per_slice = max((torch.cuda.max_memory_allocated(device) - before) / probe, 1.0)
+    return int(min(max(fraction * free // per_slice, 1), MAX_AUTO_BATCH))
 
-    Runs under `torch.inference_mode` (no guidance, no gradients). Returns x_L (N, C, S, S) on
-    the model's device, where `decode_slices` takes it without a copy; several decodings (e.g.
-    guidance scales) can share one encoding.
-    """
-    device = next(bundle.unet.parameters()).device
-    eps_fn = denoiser(bundle, amp)
+
+Encoder = Callable[[ModelBundle, torch.Tensor, ExplainSettings], torch.Tensor]
+"""(bundle, x_0 (N, C, S, S), settings) -> x_L (N, C, S, S) on the model's device."""
+
+
+def _ddim_inversion(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
+    """x_L = ddim_encode(eps_theta, x, L), batch by batch, under `torch.inference_mode` (no guidance)."""
+    device = model_device(bundle)
+    eps_fn = denoiser(bundle, settings.amp)
     encoded = []
     with torch.inference_mode():
-        for start in range(0, x.shape[0], batch_size):
-            batch = _to_device(x[start : start + batch_size], device)
-            encoded.append(ddim_encode(eps_fn, batch, bundle.schedule, noise_level, steps))
+        for start in range(0, x.shape[0], settings.batch_size):
+            batch = to_device(x[start : start + settings.batch_size], device)
+            encoded.append(ddim_encode(eps_fn, batch, bundle.schedule, settings.grid))
     return torch.cat(encoded) if encoded else x.clone()
 
 
-def noise_slices(bundle: ModelBundle, x: torch.Tensor, noise_level: int, seed: int) -> torch.Tensor:
+def _forward_noising(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
     """x_L ~ q(x_L | x_0) = sqrt(alpha_bar_L) x_0 + sqrt(1 - alpha_bar_L) eps (Ho 2020, eq. 4), seeded.
 
-    The stochastic alternative to `encode_slices` (no network evaluations): the decoding then
-    samples a healthy image near x_0 rather than inverting it exactly. x (N, C, S, S) -> x_L on
-    the model's device.
+    No network evaluations: the decoding then samples a healthy image near x_0 rather than
+    inverting it exactly.
     """
-    device = next(bundle.unet.parameters()).device
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    t = torch.full((x.shape[0],), noise_level, dtype=torch.long)
-    return _to_device(q_sample(bundle.schedule, x, t, noise), device)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(settings.seed))
+    t = torch.full((x.shape[0],), settings.noise_level, dtype=torch.long)
+    return to_device(q_sample(bundle.schedule, x, t, noise), model_device(bundle))
+
+
+ENCODINGS: Registry[Encoder] = Registry("encoding")
+ENCODINGS.register("ddim", _ddim_inversion, "deterministic DDIM inversion (the paper)")
+ENCODINGS.register("noise", _forward_noising, "forward noising x_L ~ q(x_L | x_0), one draw per seed")
+
+
+def encode_slices(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
+    """x_L of model-size slices x (N, C, S, S) by the settings' encoding, on the model's device.
+
+    Several decodings (e.g. guidance scales) can share one encoding (`ExplainSettings.encode_key`).
+    """
+    return ENCODINGS.get(settings.encoding).function(bundle, x, settings)
 
 
 def decode_slices(
-    bundle: ModelBundle,
-    x_L: torch.Tensor,
-    noise_level: int,
-    scale: float,
-    steps: int | None = None,
-    batch_size: int = 32,
-    amp: bool = True,
-    progress: SliceProgress | None = None,
-    guidance: Guidance | None = None,
+    bundle: ModelBundle, x_L: torch.Tensor, settings: ExplainSettings, progress: SliceProgress | None = None
 ) -> torch.Tensor:
     """x_healthy = ddim_decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
 
     Only the classifier's input gradient is computed (see `classifier_grad_fn`); with s = 0 the
-    decoding is plain DDIM and runs under `torch.inference_mode`. `guidance`: see `guided_denoiser`.
+    decoding is plain DDIM and runs under `torch.inference_mode`.
     """
-    device = next(bundle.unet.parameters()).device
-    guided = guided_denoiser(bundle, scale, amp, guidance)
+    device = model_device(bundle)
+    guided = guided_denoiser(bundle, settings.scale, settings.amp, settings.guidance)
+    size = settings.batch_size
     decoded = []
-    for start in range(0, x_L.shape[0], batch_size):
-        batch = _to_device(x_L[start : start + batch_size], device)
-        if scale == 0:
+    for start in range(0, x_L.shape[0], size):
+        batch = to_device(x_L[start : start + size], device)
+        if settings.scale == 0:
             with torch.inference_mode():
-                decoded.append(ddim_decode(guided, batch, bundle.schedule, noise_level, steps).cpu())
+                decoded.append(ddim_decode(guided, batch, bundle.schedule, settings.grid).cpu())
         else:
-            decoded.append(ddim_decode(guided, batch, bundle.schedule, noise_level, steps).cpu())
+            decoded.append(ddim_decode(guided, batch, bundle.schedule, settings.grid).cpu())
         if progress is not None:
-            progress(min(start + batch_size, x_L.shape[0]), x_L.shape[0])
+            progress(min(start + size, x_L.shape[0]), x_L.shape[0])
     return torch.cat(decoded) if decoded else x_L.clone()
 
 
-def p_healthy_batched(bundle: ModelBundle, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
+    """p(healthy | x, t=0) for clean slices x (N, C, S, S) -> (N,)."""
+    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        return torch.softmax(bundle.classifier(x, t).float(), dim=1)[:, HEALTHY]
+
+
+def p_healthy_batched(bundle: ModelBundle, x: torch.Tensor, batch_size: int = CPU_BATCH_SIZE) -> torch.Tensor:
     """`p_healthy` of (N, C, S, S) slices, batch by batch on the bundle's device -> (N,) on the CPU."""
-    device = next(bundle.unet.parameters()).device
+    device = model_device(bundle)
     parts = [
-        p_healthy(bundle, _to_device(x[s : s + batch_size], device)).cpu() for s in range(0, x.shape[0], batch_size)
+        p_healthy(bundle, to_device(x[s : s + batch_size], device)).cpu() for s in range(0, x.shape[0], batch_size)
     ]
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def residual_map(x: torch.Tensor, x_healthy: torch.Tensor, residual: Residual = "abs") -> torch.Tensor:
-    """The anomaly map of inputs x and counterfactuals x_healthy, (N, C, S, S) each -> (N, S, S).
-
-    - abs: sum_c |x_c - x_healthy_c| (Wolleb 2022);
-    - positive: sum_c max(x_c - x_healthy_c, 0): only voxels the counterfactual made darker, i.e. where
-      the scan is brighter than healthy (lesions hyperintense in FLAIR or T2). A prior on the lesion's
-      contrast, not a label: the supervision regime is unchanged;
-    - negative: sum_c max(x_healthy_c - x_c, 0), for hypointense lesions.
-    """
-    difference = x - x_healthy
-    if residual == "abs":
-        return difference.abs().sum(dim=1)
-    if residual == "positive":
-        return difference.clamp(min=0).sum(dim=1)
-    if residual == "negative":
-        return (-difference).clamp(min=0).sum(dim=1)
-    raise ConfigError(f"residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
-
-
 def slice_explanation(
-    bundle: ModelBundle,
-    x: torch.Tensor,
-    x_healthy: torch.Tensor,
-    batch_size: int = 32,
-    residual: Residual | None = None,
+    bundle: ModelBundle, x: torch.Tensor, x_healthy: torch.Tensor, settings: ExplainSettings
 ) -> SliceExplanation:
-    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy)).
-
-    `residual` None takes the bundle's `explain.residual`.
-    """
+    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy))."""
     return SliceExplanation(
         x=x,
         x_healthy=x_healthy,
-        anomaly_map=residual_map(x, x_healthy, residual or bundle.config.explain.residual),
-        p_healthy_before=p_healthy_batched(bundle, x, batch_size),
-        p_healthy_after=p_healthy_batched(bundle, x_healthy, batch_size),
+        anomaly_map=residual_map(x, x_healthy, settings.residual),
+        p_healthy_before=p_healthy_batched(bundle, x, settings.batch_size),
+        p_healthy_after=p_healthy_batched(bundle, x_healthy, settings.batch_size),
     )
+
+
+def with_residual(explanation: SliceExplanation, residual: str) -> SliceExplanation:
+    """The same explanation with the map made by another residual (no network is run)."""
+    return replace(explanation, anomaly_map=residual_map(explanation.x, explanation.x_healthy, residual))
 
 
 def explain_slices(
-    bundle: ModelBundle,
-    x: torch.Tensor,
-    noise_level: int,
-    scale: float,
-    steps: int | None = None,
-    batch_size: int = 32,
-    amp: bool = True,
-    progress: SliceProgress | None = None,
-    residual: Residual | None = None,
-    guidance: Guidance | None = None,
+    bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings, progress: SliceProgress | None = None
 ) -> SliceExplanation:
     """Explain model-size slices x (N, C, S, S): encode, guided decode, map, p(healthy) before/after."""
-    check_explain_options(bundle, noise_level, scale, steps)
-    x_L = encode_slices(bundle, x, noise_level, steps, batch_size, amp)
-    x_healthy = decode_slices(bundle, x_L, noise_level, scale, steps, batch_size, amp, progress, guidance)
-    return slice_explanation(bundle, x, x_healthy, batch_size, residual)
-
-
-@dataclass(frozen=True)
-class PreparedScan:
-    """A scan preprocessed as in training, ready for the model.
-
-    Attributes:
-        state: how it was preprocessed (kept slice indices, crop, intensities).
-        x: the kept slices, (N, C, S, S) in normalised units.
-        foreground: (X, Y, Z) bool, the brain/foreground mask the scores are restricted to.
-        slice_foreground: (N, S, S) bool, the same at model resolution.
-    """
-
-    state: PreprocessState
-    x: torch.Tensor
-    foreground: np.ndarray
-    slice_foreground: torch.Tensor
-
-
-def prepare_scan(bundle: ModelBundle, scan: Scan, brainmask: np.ndarray | None = None) -> PreparedScan:
-    """Preprocess a scan with the bundle's data config; the foreground is the brain mask if given."""
-    cfg = bundle.config.data
-    if scan.data.shape[0] != cfg.image_channels:
-        raise InputError(
-            f"{scan.sources[0]}: the model expects {cfg.image_channels} channel(s), the scan has {scan.data.shape[0]}"
-        )
-    state = fit_preprocess(scan.data, scan.affine, cfg, brainmask=brainmask, source=str(scan.sources[0]))
-    foreground = brainmask.astype(bool) if brainmask is not None else foreground_mask(scan.data)
-    return PreparedScan(state, to_slices(scan.data, state, cfg), foreground, mask_to_slices(foreground, state))
-
-
-def assemble_scan(scan: Scan, prepared: PreparedScan, result: SliceExplanation) -> ScanExplanation:
-    """Restrict a slice explanation's map to the foreground and map it back onto the scan's grid."""
-    state = prepared.state
-    result = replace(result, anomaly_map=result.anomaly_map * prepared.slice_foreground)
-    anomaly_map = to_input_grid(result.anomaly_map[:, None], state, fill=0.0)[0]
-    delta = denormalise_delta(to_input_grid(result.x_healthy - result.x, state, fill=0.0), state)
-    return ScanExplanation(
-        anomaly_map=np.where(prepared.foreground, np.maximum(anomaly_map, 0.0), 0.0).astype(np.float32),
-        healthy=(scan.data + delta).astype(np.float32),
-        slices=result,
-        state=state,
-        foreground=prepared.foreground,
-        slice_foreground=prepared.slice_foreground,
-    )
+    x_healthy = decode_slices(bundle, encode_slices(bundle, x, settings), settings, progress)
+    return slice_explanation(bundle, x, x_healthy, settings)
 
 
 def explain_scan(
     bundle: ModelBundle,
     scan: Scan,
-    noise_level: int,
-    scale: float,
-    steps: int | None = None,
-    batch_size: int = 32,
+    settings: ExplainSettings,
     brainmask: np.ndarray | None = None,
-    amp: bool = True,
     progress: SliceProgress | None = None,
-    residual: Residual | None = None,
-    guidance: Guidance | None = None,
 ) -> ScanExplanation:
     """Preprocess a scan as in training, explain its foreground slices, map results to its grid.
 
     The anomaly map is restricted to the foreground (the brain mask when given, else the
     intensity threshold used by preprocessing): differences in the background mean nothing.
     """
-    check_explain_options(bundle, noise_level, scale, steps)
-    prepared = prepare_scan(bundle, scan, brainmask)
-    result = explain_slices(
-        bundle, prepared.x, noise_level, scale, steps, batch_size, amp, progress, residual, guidance
-    )
-    return assemble_scan(scan, prepared, result)
+    prepared = prepare_scan(bundle.config.data, scan, brainmask)
+    return assemble_scan(scan, prepared, explain_slices(bundle, prepared.x, settings, progress))

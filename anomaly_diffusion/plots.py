@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from anomaly_diffusion.data.io import atomic_write_bytes
+from anomaly_diffusion.files import atomic_write_bytes
 
 
 def _show(axis: plt.Axes, image: np.ndarray, **kwargs: Any) -> None:

@@ -2,6 +2,7 @@
 
 Runs are created through `MlflowClient` (no global active run): `tracked_run` opens a run, hands
 out a `RunLogger`, and closes it FINISHED, or FAILED (or KILLED on Ctrl-C) if the body raises.
+The use cases depend only on the `RunLogger` protocol; `MlflowRunLogger` is MLflow behind it.
 The default store is a local SQLite file with artifacts in a folder beside it.
 """
 
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from anomaly_diffusion import __version__
@@ -52,8 +53,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class RunLogger:
-    """Logging into one MLflow run."""
+class RunLogger(Protocol):
+    """What a use case logs into its tracked run."""
+
+    run_id: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite metric values at a step."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Copy a file or folder into the run's artifacts."""
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        """Store a dict as a JSON or YAML artifact."""
+
+    def log_text(self, text: str, name: str) -> None:
+        """Store text as an artifact."""
+
+
+class MlflowRunLogger:
+    """Logging into one MLflow run (a `RunLogger`)."""
 
     def __init__(self, client: Any, run_id: str, experiment_id: str) -> None:
         self._client = client
@@ -173,7 +198,7 @@ def tracked_run(
         except Exception as exc:  # MLflow raises its own exception types for unknown runs
             raise TrackingError(f"MLflow run {resume_run_id} to resume is not in {uri}") from exc
         client.update_run(resume_run_id, status="RUNNING")
-        logger = RunLogger(client, resume_run_id, existing.info.experiment_id)
+        logger = MlflowRunLogger(client, resume_run_id, existing.info.experiment_id)
     else:
         experiment_id = _experiment_id(client, uri, experiment)
         all_tags = {"adiff.kind": kind, "adiff.version": __version__, **(tags or {})}
@@ -184,7 +209,7 @@ def tracked_run(
         run = client.create_run(
             experiment_id, start_time=start_time, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
         )
-        logger = RunLogger(client, run.info.run_id, experiment_id)
+        logger = MlflowRunLogger(client, run.info.run_id, experiment_id)
     try:
         yield logger
     except KeyboardInterrupt:

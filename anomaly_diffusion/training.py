@@ -5,17 +5,14 @@ Classifier (Dhariwal & Nichol 2021): cross-entropy of p(y | x_t, t) on noised sl
 Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16), and explicit
 torch.Generators; the DDPM keeps EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing
 here prints or logs to MLflow: metrics go to a `MetricSink` callback and progress to a
-`Progress` callback.
+`PhaseProgress` callback. `trainer.train` runs both phases with checkpoints and writes the bundle.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -26,69 +23,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from anomaly_diffusion.config import Config
 from anomaly_diffusion.data.augment import random_zoom_shift
 from anomaly_diffusion.data.datasets import SliceDataset
-from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
+from anomaly_diffusion.diffusion.schedule import NoiseSchedule, q_sample
 from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import AdiffError, InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
-from anomaly_diffusion.models.bundle import atomic_torch_save, bundle_dict, save_bundle
 from anomaly_diffusion.models.networks import NoiseAwareClassifier, build_classifier, build_unet
+from anomaly_diffusion.runtime import autocast
 
 MetricSink = Callable[[dict[str, float], int], None]
-Progress = Callable[[str, int, int, dict[str, float]], None]
+PhaseProgress = Callable[[str, int, int, dict[str, float]], None]
 """(phase, step, total steps, latest metrics)."""
 
 
 class TrainingError(AdiffError):
     """Training cannot go on (e.g. a non-finite loss)."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training run produced."""
-
-    bundle_path: Path
-    ddpm_loss: float
-    classifier_loss: float
-    classifier_accuracy: dict[str, float]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-@functools.cache
-def native_bf16_cpu() -> bool:
-    """Whether this CPU does bf16 matrix work in hardware (Intel AMX tiles).
-
-    There oneDNN runs bf16 convolutions 2-3x faster than fp32; on CPUs without it bf16 is emulated
-    and 1.3-3.5x slower, so autocast stays off. Asked once per process: `autocast` runs on every
-    network call.
-    """
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
-
-
-def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
-    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 where bf16 is unsupported) and
-    on CPUs with native bf16 (`native_bf16_cpu`); nothing elsewhere, or when `enabled` is False."""
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if device.type == "cpu" and native_bf16_cpu():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def precision_name(device: torch.device, amp: bool) -> str:
-    """What `autocast(device, amp)` computes in: 'bfloat16', 'float16' or 'float32'."""
-    context = autocast(device, amp)
-    return str(context.fast_dtype).removeprefix("torch.") if isinstance(context, torch.autocast) else "float32"
 
 
 def _scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
@@ -201,8 +149,8 @@ def classifier_phase(cfg: Config, device: torch.device) -> Phase:
     return Phase(classifier, optimiser, _scaler(device, cfg.train.amp), generator)
 
 
-Checkpoint = Callable[[int], None]
-"""Called with the step just finished when a checkpoint is due."""
+SaveCheckpoint = Callable[[int], None]
+"""Called with the step just finished when a resume checkpoint is due."""
 
 
 def train_ddpm(
@@ -212,8 +160,8 @@ def train_ddpm(
     device: torch.device,
     phase: Phase | None = None,
     sink: MetricSink | None = None,
-    progress: Progress | None = None,
-    checkpoint: Checkpoint | None = None,
+    progress: PhaseProgress | None = None,
+    checkpoint: SaveCheckpoint | None = None,
     context: DistContext = SINGLE,
 ) -> tuple[nn.Module, float]:
     """Train eps_theta on the configured slices from `phase.step`; returns (EMA UNet, last mean loss).
@@ -292,8 +240,8 @@ def train_classifier(
     val: SliceDataset | None = None,
     phase: Phase | None = None,
     sink: MetricSink | None = None,
-    progress: Progress | None = None,
-    checkpoint: Checkpoint | None = None,
+    progress: PhaseProgress | None = None,
+    checkpoint: SaveCheckpoint | None = None,
     context: DistContext = SINGLE,
 ) -> tuple[NoiseAwareClassifier, float, dict[str, float]]:
     """Train p(y | x_t, t) on class-balanced batches from `phase.step`.
@@ -361,99 +309,3 @@ def train_classifier(
     if sink is not None:
         sink(accuracy, tc.classifier_steps)
     return classifier, last, accuracy
-
-
-CHECKPOINT_NAME = "checkpoint.pt"
-BUNDLE_NAME = "bundle.pt"
-
-
-def train(
-    cfg: Config,
-    data: SliceDataset,
-    out_dir: Path,
-    val: SliceDataset | None = None,
-    sink: MetricSink | None = None,
-    progress: Progress | None = None,
-    train_run_id: str | None = None,
-    resume: dict[str, Any] | None = None,
-    observer: Callable[[int, nn.Module], None] | None = None,
-    context: DistContext = SINGLE,
-) -> TrainResult:
-    """Train both models and write `out_dir/bundle.pt`.
-
-    Every `checkpoint_every` steps of either phase, `out_dir/checkpoint.pt` is written atomically:
-    a valid bundle plus `train_state` (both phases' weights, EMA, optimisers, scalers, batch
-    generators, steps, the global RNG). `resume` takes that `train_state` and continues exactly
-    where it stopped; a kill loses at most one checkpoint interval. `observer(step, ema_unet)` is
-    called at every DDPM checkpoint and when the DDPM is done (for sample/reconstruction figures).
-
-    Under torchrun (`context.active`) every rank trains its shard of each global batch; only rank
-    0 writes the checkpoint and the bundle and calls the observer.
-    """
-    device = resolve_device(cfg.train.device)
-    if context.active and device.type == "cuda":
-        device = torch.device("cuda", context.local_rank)
-    schedule = make_schedule(
-        cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end
-    )
-    ddpm, clf = ddpm_phase(cfg, device), classifier_phase(cfg, device)
-    if resume is not None:
-        ddpm.load_state_dict(resume["ddpm"])
-        clf.load_state_dict(resume["classifier"])
-        torch.set_rng_state(resume["torch_rng"])
-
-    def checkpoint(phase_name: str) -> Checkpoint:
-        def save(step: int) -> None:
-            assert ddpm.ema is not None
-            if not context.is_main:
-                return
-            state = {
-                "phase": phase_name,
-                "ddpm": ddpm.state_dict(),
-                "classifier": clf.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            }
-            payload = bundle_dict(
-                config=cfg,
-                schedule=schedule,
-                unet=ddpm.ema.module,
-                classifier=clf.model,
-                train_run_id=train_run_id,
-                extra={"phase": phase_name, "step": step, "complete": False},
-            )
-            atomic_torch_save({**payload, "train_state": state}, out_dir / CHECKPOINT_NAME)
-            if observer is not None and phase_name == "ddpm":
-                observed.append(step)
-                observer(step, ddpm.ema.module)
-
-        return save
-
-    observed: list[int] = []
-
-    unet, ddpm_last = train_ddpm(cfg, schedule, data, device, ddpm, sink, progress, checkpoint("ddpm"), context)
-    if (
-        context.is_main
-        and observer is not None
-        and cfg.train.ddpm_steps not in observed
-        and (resume is None or resume["phase"] == "ddpm")
-    ):
-        observer(cfg.train.ddpm_steps, unet)
-    classifier, classifier_last, accuracy = train_classifier(
-        cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier"), context
-    )
-    bundle_path = out_dir / BUNDLE_NAME
-    if not context.is_main:
-        context.barrier()  # rank 0 writes the bundle
-        return TrainResult(bundle_path, ddpm_last, classifier_last, accuracy)
-    save_bundle(
-        out_dir / BUNDLE_NAME,
-        config=cfg,
-        schedule=schedule,
-        unet=unet,
-        classifier=classifier,
-        train_run_id=train_run_id,
-        extra={"complete": True, "train_summary": {k: int(v) for k, v in data.summary().items()}},
-    )
-    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    context.barrier()
-    return TrainResult(bundle_path, ddpm_last, classifier_last, accuracy)

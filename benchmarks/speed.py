@@ -104,18 +104,23 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _settings(bundle: Any, noise_level: int, scale: float, steps: int | None, batch_size: int, amp: bool) -> Any:
+    """Explain settings of the benchmark's method, with mixed precision on or off."""
+    from dataclasses import replace
+
+    from anomaly_diffusion.explain import explain_settings
+
+    settings = explain_settings(
+        bundle, noise_level=noise_level, steps=steps, steps_given=True, scale=scale, batch_size=batch_size
+    )
+    return replace(settings, amp=amp)
+
+
 def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_size: int, amp: bool) -> dict[str, Any]:
     """Explain the synthetic volume (or its first max_slices kept slices); wall time vs floor."""
-    from anomaly_diffusion.explain import (
-        assemble_scan,
-        denoiser,
-        explain_slices,
-        guided_denoiser,
-        p_healthy,
-        prepare_for_inference,
-        prepare_scan,
-    )
-    from anomaly_diffusion.training import precision_name
+    from anomaly_diffusion.explain import denoiser, explain_slices, guided_denoiser, p_healthy
+    from anomaly_diffusion.runtime import precision_name, prepare_for_inference
+    from anomaly_diffusion.scans import assemble_scan, prepare_scan
 
     bundle = prepare_for_inference(_bundle(size))
     scan = _head_scan()
@@ -123,16 +128,16 @@ def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_
     k = steps or noise_level
     device = _device()
     started = time.perf_counter()
-    prepared = prepare_scan(bundle, scan)
+    prepared = prepare_scan(bundle.config.data, scan)
     x = prepared.x if max_slices is None else prepared.x[:max_slices]
-    result = explain_slices(bundle, x, noise_level, 100.0, steps, batch_size, amp=amp)
+    result = explain_slices(bundle, x, _settings(bundle, noise_level, 100.0, steps, batch_size, amp))
     if max_slices is None:
         assemble_scan(scan, prepared, result)
     _sync()
     wall = time.perf_counter() - started
     # the floor: the network evaluations this run needs, at its batch sizes, precision and memory format
     unet = denoiser(bundle, amp)
-    guided = guided_denoiser(bundle, 100.0, amp)
+    guided = guided_denoiser(bundle, 100.0, amp, "slice")
     sizes = [min(batch_size, len(x) - s) for s in range(0, len(x), batch_size)]
     floor = 0.0
     for b in sorted(set(sizes)):
@@ -170,12 +175,13 @@ def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) 
     """MONAI-tutorial loop, one slice at a time, against adiff on the same slices and timesteps."""
     from monai.networks.schedulers import DDIMScheduler
 
-    from anomaly_diffusion.explain import explain_slices, prepare_for_inference, prepare_scan
+    from anomaly_diffusion.explain import explain_slices
     from anomaly_diffusion.labels import HEALTHY
-    from anomaly_diffusion.training import precision_name
+    from anomaly_diffusion.runtime import precision_name, prepare_for_inference
+    from anomaly_diffusion.scans import prepare_scan
 
     bundle = _bundle(size)
-    prepared = prepare_scan(bundle, _head_scan())
+    prepared = prepare_scan(bundle.config.data, _head_scan())
     middle = len(prepared.x) // 2
     # adiff explains one full batch around the middle; the naive loop the first n_slices of it
     batch = prepared.x[max(middle - batch_size // 2, 0) :][:batch_size]
@@ -217,7 +223,8 @@ def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) 
     }
     for amp in (False, True):
         started = time.perf_counter()
-        ours = explain_slices(bundle, batch, noise_level, scale, steps, batch_size, amp=amp).x_healthy[:n_slices]
+        settings = _settings(bundle, noise_level, scale, steps, batch_size, amp)
+        ours = explain_slices(bundle, batch, settings).x_healthy[:n_slices]
         _sync()
         per_slice = (time.perf_counter() - started) / len(batch)
         result[f"precision_{amp}"] = precision_name(device, amp)

@@ -17,9 +17,9 @@ from typing import Annotated
 
 import typer
 
-from anomaly_diffusion.cli import run_tool
 from anomaly_diffusion.data.manifest import ManifestRow, Split, assign_splits, split_counts, write_manifest
 from anomaly_diffusion.errors import InputError
+from anomaly_diffusion.terminal import run_tool
 
 BRATS2015 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
 BRATS2020 = {"flair": "flair", "t1c": "t1ce", "t1": "t1", "t2": "t2"}

@@ -18,9 +18,9 @@ from typing import Annotated
 
 import typer
 
-from anomaly_diffusion.cli import run_tool
 from anomaly_diffusion.data.manifest import ManifestRow, assign_splits, split_counts, write_manifest
 from anomaly_diffusion.errors import InputError
+from anomaly_diffusion.terminal import run_tool
 
 
 def _regex(pattern: str) -> re.Pattern[str]:

@@ -16,10 +16,10 @@ from typing import Annotated
 
 import typer
 
-from anomaly_diffusion.cli import run_tool
 from anomaly_diffusion.data.manifest import ManifestRow, assign_splits, split_counts, write_manifest
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
+from anomaly_diffusion.terminal import run_tool
 
 FOLDERS = {"healthy": HEALTHY, "normal": HEALTHY, "diseased": PATHOLOGICAL, "pathological": PATHOLOGICAL}
 FOLDERS["abnormal"] = PATHOLOGICAL

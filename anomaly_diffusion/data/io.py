@@ -7,7 +7,6 @@ output is written on exactly the input's voxel grid. Errors are one line naming 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from anomaly_diffusion.errors import InputError, OutputError
+from anomaly_diffusion.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -192,20 +192,6 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"{folder}: output folder is not writable")
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> Path:
-    """Write bytes to a temporary file in the target folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_like(array: np.ndarray, scan: Scan, path: Path) -> Path:
     """Write a (X, Y, Z) array as float32 NIfTI on the scan's grid, atomically.
 
@@ -223,13 +209,4 @@ def save_like(array: np.ndarray, scan: Scan, path: Path) -> Path:
     if scan.header is None:
         image.set_sform(scan.affine, code=1)
         image.set_qform(scan.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")

@@ -4,16 +4,25 @@
 
 Wolleb et al. 2022 guide the decoding towards y = HEALTHY with the noise-aware classifier. With a
 multiple-instance classifier the target may also be every region healthy (`region_grad_fn`).
+
+Guidance targets are registered in `GUIDANCE` (name -> `GuidanceTarget`): config validation, the
+CLI's `--guidance` choices and evaluate's `g=` key come from it. A new target is one grad-function
+factory here plus one `GUIDANCE.register` call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from anomaly_diffusion.diffusion.sampling import EpsFn
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, broadcast_to
+from anomaly_diffusion.errors import ConfigError
+from anomaly_diffusion.labels import HEALTHY
+from anomaly_diffusion.registry import Registry
 
 GradFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """grad_x log p(y | x_t, t): x_t (B, C, *spatial), t (B,) -> gradient, same shape as x_t."""
@@ -79,3 +88,61 @@ def region_grad_fn(region_logits: Callable[[torch.Tensor, torch.Tensor], torch.T
         return grad.detach()
 
     return fn
+
+
+class GuidanceSource(Protocol):
+    """The classifier outputs a guidance target may differentiate, each (x_t, t) -> fp32 logits."""
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Slice logits, (B, n_classes)."""
+        ...
+
+    def region_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-region abnormality logits a_p of a multiple-instance classifier, (B, P)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GuidanceTarget:
+    """A guidance target: how to make grad_x log p(target | x_t, t) from the classifier.
+
+    Attributes:
+        grad_fn: GuidanceSource -> GradFn.
+        poolings: the classifier poolings (`classifier.pooling`) it works with; () means any.
+    """
+
+    grad_fn: Callable[[GuidanceSource], GradFn]
+    poolings: tuple[str, ...] = ()
+
+
+GUIDANCE: Registry[GuidanceTarget] = Registry("guidance")
+GUIDANCE.register(
+    "slice",
+    GuidanceTarget(lambda source: classifier_grad_fn(source.logits, HEALTHY)),
+    "grad log p(healthy | x_t), the paper",
+)
+GUIDANCE.register(
+    "regions",
+    GuidanceTarget(lambda source: region_grad_fn(source.region_logits), poolings=("lse",)),
+    "every region of an lse classifier towards healthy",
+)
+
+
+def guidance_conflict(name: str, pooling: str) -> str | None:
+    """Why target `name` cannot guide a classifier that pools by `pooling` (None: it can, or unknown name)."""
+    if name not in GUIDANCE:
+        return None
+    poolings = GUIDANCE.get(name).function.poolings
+    if poolings and pooling not in poolings:
+        needed = " or ".join(poolings)
+        return f"guidance={name} needs a classifier with pooling={needed}; this model's pools by {pooling}"
+    return None
+
+
+def check_guidance(name: str, pooling: str) -> str:
+    """The target's name if it is registered and fits the classifier's pooling, else ConfigError."""
+    GUIDANCE.check(name)
+    conflict = guidance_conflict(name, pooling)
+    if conflict:
+        raise ConfigError(conflict)
+    return name

@@ -2,22 +2,68 @@
 
 Every function takes the denoiser as an argument (`EpsFn`): no network lives here, so the maths
 can be tested with a closed-form oracle. Shapes are (B, C, *spatial) throughout; timesteps are
-the 0-indexed training timesteps of `NoiseSchedule` (see `ddim_timesteps` for the grid).
+the 0-indexed training timesteps of `NoiseSchedule`. The timestep grid is made once, and checked
+there, by `ddim_grid`, and passed in (as k-diffusion passes its sigmas).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from anomaly_diffusion.diffusion.schedule import NoiseSchedule, ddim_timesteps
+from anomaly_diffusion.diffusion.schedule import NoiseSchedule
+from anomaly_diffusion.errors import ConfigError
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """eps_theta(x_t, t): x_t (B, C, *spatial), t (B,) long -> predicted noise, same shape as x_t."""
 
 StepCallback = Callable[[int, int], None]
 """Called after each step with (steps done, steps in total): progress without I/O in the maths."""
+
+
+@dataclass(frozen=True)
+class DdimGrid:
+    """The increasing DDIM timesteps tau_1 < ... < tau_K = L that encode and decode share.
+
+    Made (and checked) only by `ddim_grid`; `noise_level` is L, `steps` is K.
+    """
+
+    taus: tuple[int, ...]
+
+    @property
+    def noise_level(self) -> int:
+        """L, the deepest level."""
+        return self.taus[-1]
+
+    @property
+    def steps(self) -> int:
+        """K, the number of DDIM steps."""
+        return len(self.taus)
+
+
+def ddim_grid(noise_level: int, steps: int | None, num_timesteps: int) -> DdimGrid:
+    """The DDIM grid tau_k = round(k * L / K), k = 1..K: the one place L and K are checked.
+
+    Encoding goes x_0 -> x_{tau_1} -> ... -> x_{tau_K}, decoding visits exactly the same levels
+    backwards, x_{tau_K} -> ... -> x_{tau_1} -> x_0: the two are mirrored by construction, which
+    fixes the off-by-one of the original code. K = L (steps None) visits every timestep 1..L.
+
+    Args:
+        noise_level: L, with 1 <= L <= T-1.
+        steps: K, the number of DDIM steps, 1 <= K <= L; None means K = L.
+        num_timesteps: T.
+
+    Raises:
+        ConfigError: L or K out of range.
+    """
+    if not 1 <= noise_level <= num_timesteps - 1:
+        raise ConfigError(f"noise level must be in 1..{num_timesteps - 1} (1 <= L < T), got {noise_level}")
+    k_steps = noise_level if steps is None else steps
+    if not 1 <= k_steps <= noise_level:
+        raise ConfigError(f"steps must be in 1..{noise_level} (the noise level), got {k_steps}")
+    return DdimGrid(tuple(round(k * noise_level / k_steps) for k in range(1, k_steps + 1)))
 
 
 def ddim_step(
@@ -71,13 +117,12 @@ def ddim_encode(
     eps_fn: EpsFn,
     x_0: torch.Tensor,
     schedule: NoiseSchedule,
-    noise_level: int,
-    steps: int | None = None,
+    grid: DdimGrid,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion x_0 -> x_L, without guidance (Wolleb 2022, Alg. 1, encoding).
 
-    Visits the levels x_0, x_{tau_1}, ..., x_{tau_K} (tau from `ddim_timesteps`); the step from
+    Visits the levels x_0, x_{tau_1}, ..., x_{tau_K} (tau from `grid`); the step from
     level tau_{k-1} to tau_k evaluates eps_theta(x_{tau_{k-1}}, tau_{k-1}), with tau_0 = 0 as the
     network time of the clean image. `ddim_decode` walks the same levels backwards.
 
@@ -85,14 +130,13 @@ def ddim_encode(
         eps_fn: the denoiser eps_theta(x_t, t).
         x_0: images, (B, C, *spatial).
         schedule: the noise schedule the denoiser was trained with.
-        noise_level: L, 1 <= L < T.
-        steps: K DDIM steps (stride L/K); None means K = L.
+        grid: the levels tau_1..tau_K = L (`ddim_grid`).
         callback: progress, called with (k, K).
 
     Returns:
         x_L, same shape as x_0.
     """
-    taus = ddim_timesteps(noise_level, steps, schedule.num_timesteps)
+    taus = grid.taus
     alpha_bar = schedule.alpha_bar.to(x_0.device)
     x = x_0
     level_prev, alpha_prev = 0, torch.ones((), device=x_0.device)
@@ -110,8 +154,7 @@ def ddim_decode(
     eps_fn: EpsFn,
     x_L: torch.Tensor,
     schedule: NoiseSchedule,
-    noise_level: int,
-    steps: int | None = None,
+    grid: DdimGrid,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
@@ -126,8 +169,7 @@ def ddim_decode(
         eps_fn: the (possibly guided) denoiser.
         x_L: encoded images, (B, C, *spatial).
         schedule: the noise schedule.
-        noise_level: L, the level x_L is at.
-        steps: K DDIM steps; None means K = L. Must equal the encoder's for a mirrored walk.
+        grid: the levels tau_1..tau_K = L (the level x_L is at); the encoder's for a mirrored walk.
         eta: DDIM stochasticity; 0 (the default) is deterministic.
         generator: random source for eta > 0.
         callback: progress, called with (k, K).
@@ -135,7 +177,7 @@ def ddim_decode(
     Returns:
         x_0_hat, same shape as x_L.
     """
-    taus = ddim_timesteps(noise_level, steps, schedule.num_timesteps)
+    taus = grid.taus
     alpha_bar = schedule.alpha_bar.to(x_L.device)
     levels = [*taus[::-1], None]
     x = x_L
@@ -164,4 +206,5 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Unconditional samples: x_{T-1} ~ N(0, I) decoded by deterministic DDIM in K steps. (B, C, *spatial)."""
     x_T = torch.randn(shape, generator=generator).to(device)
-    return ddim_decode(eps_fn, x_T, schedule, schedule.num_timesteps - 1, min(steps, schedule.num_timesteps - 1))
+    last = schedule.num_timesteps - 1
+    return ddim_decode(eps_fn, x_T, schedule, ddim_grid(last, min(steps, last), schedule.num_timesteps))

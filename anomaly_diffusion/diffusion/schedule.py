@@ -112,27 +112,3 @@ def q_sample(schedule: NoiseSchedule, x_0: torch.Tensor, t: torch.Tensor, noise:
     """
     alpha_bar_t = broadcast_to(schedule.alpha_bar.to(t.device)[t], x_0)
     return alpha_bar_t.sqrt() * x_0 + (1 - alpha_bar_t).sqrt() * noise
-
-
-def ddim_timesteps(noise_level: int, steps: int | None, num_timesteps: int) -> list[int]:
-    """The increasing DDIM timesteps tau_1 < ... < tau_K = L that encode and decode share.
-
-    Encoding goes x_0 -> x_{tau_1} -> ... -> x_{tau_K}, decoding visits exactly the same levels
-    backwards, x_{tau_K} -> ... -> x_{tau_1} -> x_0: the two are mirrored by construction, which
-    fixes the off-by-one of the original code. tau_k = round(k * L / K), so K = L (the default)
-    visits every timestep 1..L.
-
-    Args:
-        noise_level: L, with 1 <= L <= T-1.
-        steps: K, the number of DDIM steps, 1 <= K <= L; None means K = L.
-        num_timesteps: T.
-
-    Raises:
-        ConfigError: L or K out of range.
-    """
-    if not 1 <= noise_level <= num_timesteps - 1:
-        raise ConfigError(f"noise level must be in 1..{num_timesteps - 1} (1 <= L < T), got {noise_level}")
-    k_steps = noise_level if steps is None else steps
-    if not 1 <= k_steps <= noise_level:
-        raise ConfigError(f"steps must be in 1..{noise_level} (the noise level), got {k_steps}")
-    return [round(k * noise_level / k_steps) for k in range(1, k_steps + 1)]

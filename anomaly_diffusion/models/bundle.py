@@ -6,9 +6,7 @@ read with `torch.load(weights_only=True)`, so loading one never runs pickled cod
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from anomaly_diffusion import __version__
 from anomaly_diffusion.config import Config, config_from_dict
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule
 from anomaly_diffusion.errors import CheckpointError, ConfigError
+from anomaly_diffusion.files import atomic_write
 from anomaly_diffusion.models.networks import NoiseAwareClassifier, build_classifier, build_unet
 
 BUNDLE_FORMAT = "anomaly_diffusion.bundle"
@@ -41,15 +40,7 @@ class ModelBundle:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """torch.save to a temporary file in the target folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def bundle_dict(

@@ -1,10 +1,10 @@
-"""The anomaly map's residual options (`explain.residual_map`), against hand-computed answers."""
+"""The anomaly map's residual options (`residuals.residual_map`), against hand-computed answers."""
 
 import pytest
 import torch
 
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import residual_map
+from anomaly_diffusion.residuals import residual_map
 
 
 def test_residual_map_sums_the_chosen_part_of_the_difference_over_channels() -> None:

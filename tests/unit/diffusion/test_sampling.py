@@ -3,7 +3,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from anomaly_diffusion.diffusion.guidance import classifier_grad_fn, guided_eps, guided_eps_fn, region_grad_fn
-from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_step
+from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_grid, ddim_step
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule, q_sample
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 
@@ -24,9 +24,9 @@ def test_oracle_encode_decode_reproduces_input(kind: str, L: int, K: int | None)
     schedule = make_schedule(kind, 1000)
     x_0 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     eps_fn = oracle(schedule, x_0)
-    x_L = ddim_encode(eps_fn, x_0, schedule, L, K)
+    x_L = ddim_encode(eps_fn, x_0, schedule, ddim_grid(L, K, schedule.num_timesteps))
     assert not torch.allclose(x_L, x_0)
-    x_back = ddim_decode(eps_fn, x_L, schedule, L, K)
+    x_back = ddim_decode(eps_fn, x_L, schedule, ddim_grid(L, K, schedule.num_timesteps))
     assert torch.allclose(x_back, x_0, atol=1e-8)
 
 
@@ -37,7 +37,7 @@ def test_oracle_decode_from_forward_noised_input_reproduces_it(L: int, K: int | 
     x_0 = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     t = torch.full((2,), L, dtype=torch.long)
     x_L = q_sample(schedule, x_0, t, torch.randn(x_0.shape, generator=torch.Generator().manual_seed(1)).double())
-    x_back = ddim_decode(oracle(schedule, x_0), x_L, schedule, L, K)
+    x_back = ddim_decode(oracle(schedule, x_0), x_L, schedule, ddim_grid(L, K, schedule.num_timesteps))
     assert torch.allclose(x_back, x_0, atol=1e-8)
 
 
@@ -50,9 +50,9 @@ def test_encode_and_decode_walk_mirrored_levels() -> None:
         return torch.zeros_like(x_t)
 
     x_0 = torch.randn(1, 1, 4, 4)
-    x_L = ddim_encode(recording, x_0, schedule, 500, 5)
+    x_L = ddim_encode(recording, x_0, schedule, ddim_grid(500, 5, schedule.num_timesteps))
     encode_calls, calls[:] = list(calls), []
-    ddim_decode(recording, x_L, schedule, 500, 5)
+    ddim_decode(recording, x_L, schedule, ddim_grid(500, 5, schedule.num_timesteps))
     # encode steps leave levels 0 (clean), 100, ..., 400 and arrive at 500;
     # decode leaves 500, ..., 100 and arrives at the clean image: the same levels backwards
     assert encode_calls == [0, 100, 200, 300, 400]
@@ -69,8 +69,9 @@ def test_encode_is_inverse_of_decode_for_x_independent_eps() -> None:
         return e * (1 + t.double().reshape(-1, 1, 1, 1) * 0)  # depends on nothing but is not zero
 
     x_L = torch.randn(2, 1, 6, 6, dtype=torch.float64)
-    x_0 = ddim_decode(eps_fn, x_L, schedule, 300, 30)
-    assert torch.allclose(ddim_encode(eps_fn, x_0, schedule, 300, 30), x_L, atol=1e-9)
+    x_0 = ddim_decode(eps_fn, x_L, schedule, ddim_grid(300, 30, schedule.num_timesteps))
+    grid = ddim_grid(300, 30, schedule.num_timesteps)
+    assert torch.allclose(ddim_encode(eps_fn, x_0, schedule, grid), x_L, atol=1e-9)
 
 
 def _monai(schedule_steps: int) -> DDIMScheduler:
@@ -175,9 +176,9 @@ def test_guidance_moves_decoding_towards_healthy() -> None:
     classifier = LinearClassifier(16)
     x_0 = torch.randn(4, 1, 4, 4)
     eps_fn = oracle(schedule, x_0)
-    x_L = ddim_encode(eps_fn, x_0, schedule, 300, 30)
+    x_L = ddim_encode(eps_fn, x_0, schedule, ddim_grid(300, 30, schedule.num_timesteps))
     guided = guided_eps_fn(eps_fn, classifier_grad_fn(classifier, HEALTHY), schedule, 5.0)
-    x_healthy = ddim_decode(guided, x_L, schedule, 300, 30)
+    x_healthy = ddim_decode(guided, x_L, schedule, ddim_grid(300, 30, schedule.num_timesteps))
     t0 = torch.zeros(4, dtype=torch.long)
     before = torch.softmax(classifier(x_0, t0), 1)[:, HEALTHY]
     after = torch.softmax(classifier(x_healthy, t0), 1)[:, HEALTHY]

@@ -3,15 +3,19 @@ import math
 import pytest
 import torch
 
+from anomaly_diffusion.diffusion.sampling import ddim_grid
 from anomaly_diffusion.diffusion.schedule import (
     NoiseSchedule,
     cosine_betas,
-    ddim_timesteps,
     linear_betas,
     make_schedule,
     q_sample,
 )
 from anomaly_diffusion.errors import ConfigError
+
+
+def ddim_timesteps(noise_level: int, steps: int | None, num_timesteps: int) -> list[int]:
+    return list(ddim_grid(noise_level, steps, num_timesteps).taus)
 
 
 def test_linear_schedule_matches_ho_2020() -> None:

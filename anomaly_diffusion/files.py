@@ -1,0 +1,40 @@
+"""The one atomic file writer: every output and checkpoint goes through `atomic_write`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
+    """Let `write` fill a temporary file beside `path`, then rename it there: never a half-written file.
+
+    The result gets the mode a plain `open` would give it (0666 less the umask), not the
+    temporary file's private 0600, so colleagues sharing an output folder can read it.
+    `suffix` is the temporary file's (writers such as nibabel choose the format by it).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    """Write bytes atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

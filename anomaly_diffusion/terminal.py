@@ -1,0 +1,164 @@
+"""The terminal side of the command line: one-line errors, choices, progress bars with time remaining.
+
+Used by `cli.py` and by the `data_prep/` scripts (`run_tool`), so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
+
+from anomaly_diffusion.errors import AdiffError
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _error_line(message: str) -> None:
+    console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+
+
+def _parameter_name(exc: typer.BadParameter) -> str:
+    param = exc.param
+    opts = getattr(param, "opts", None)
+    if getattr(param, "param_type_name", "") == "option" and opts:
+        return str(opts[0])
+    return str(getattr(param, "human_readable_name", None) or "argument")
+
+
+class OneLineErrors(TyperGroup):
+    """Option values the parser refuses (a wrong type, a choice not offered) give one `error:` line, exit 1."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except typer.BadParameter as exc:
+            if exc.message.startswith("must "):  # `choice`'s refusal names the option itself
+                _error_line(f"{_parameter_name(exc)} {exc.message}")
+            elif exc.message:
+                _error_line(f"{_parameter_name(exc)}: {exc.message}")
+            else:
+                _error_line(exc.format_message())
+            sys.exit(1)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `adiff` alone: the help, as typer prints it
+                super().main(args, prog_name, standalone_mode=True, **extra)
+            _error_line(exc.format_message() if hasattr(exc, "format_message") else str(exc))
+            sys.exit(1)
+        except typer.Abort:
+            console.print("[bold red]interrupted[/]", highlight=False)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def choice(names: Sequence[str]) -> dict[str, Any]:
+    """typer.Option arguments for a typed choice that the parser checks: a `--help` metavar listing the
+    names, and a refusal as '--opt must be one of a, b, got 'x'' (one line, see `OneLineErrors`)."""
+    allowed = tuple(names)
+
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise typer.BadParameter(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return {"parser": parse, "metavar": "[" + "|".join(allowed) + "]"}
+
+
+def _quiet_library_logs() -> None:
+    # nibabel logs header "fixes" of odd files and alembic logs migrations: not for users' eyes
+    for name in ("nibabel", "alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def one_line_errors(command: F) -> F:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_library_logs()
+        try:
+            return command(*args, **kwargs)
+        except AdiffError as exc:
+            _error_line(str(exc))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bars() -> Iterator[Progress]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        yield progress
+
+
+def phase_progress(progress: Progress) -> Callable[[str, int, int, dict[str, float]], None]:
+    tasks: dict[str, Any] = {}
+    last_print: dict[str, float] = {}
+
+    def update(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total, info="")
+        info = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        if info:
+            progress.update(tasks[phase], completed=step, info=info)
+        else:
+            progress.update(tasks[phase], completed=step)
+        now = time.monotonic()
+        if not console.is_terminal and info and (now - last_print.get(phase, 0.0) > 15 or step == total):
+            last_print[phase] = now
+            console.print(f"{phase} {step}/{total} {info}", highlight=False)
+
+    return update
+
+
+def slice_progress(progress: Progress) -> Callable[[int, int], None]:
+    """(slices done, total) -> an 'explain slices' bar, added at the first call."""
+    tasks: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not tasks:
+            tasks.append(progress.add_task("explain slices", total=total, info=""))
+        progress.update(tasks[0], completed=done, total=total)
+
+    return update
+
+
+def print_data(summary: dict[str, dict[str, int]]) -> None:
+    for split, counts in summary.items():
+        console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
+
+
+def run_tool(function: Callable[..., None]) -> None:
+    """Run a data_prep script's typer function with the CLI's one-line error handling."""
+    tool = typer.Typer(cls=OneLineErrors, pretty_exceptions_enable=False, add_completion=False)
+    tool.command()(one_line_errors(function))
+    tool()

@@ -1,0 +1,67 @@
+"""Pieces every use case shares: packaged configs, run names, finding and loading a model bundle."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+from anomaly_diffusion.errors import CheckpointError
+from anomaly_diffusion.models.bundle import ModelBundle, load_bundle
+from anomaly_diffusion.runtime import resolve_device
+from anomaly_diffusion.tracking import MODELS_PREFIX, fetch_registered_bundle
+
+PACKAGED_CONFIGS = ("default", "demo", "tiny")
+BUNDLE_ROOT = Path("adiff_runs")
+"""Where `adiff explain` and `adiff evaluate` look for the newest bundle without `--checkpoint`."""
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A config file path, or the name of a config shipped with the package ('default', 'demo', 'tiny')."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.exists() or name not in PACKAGED_CONFIGS:
+        return path
+    return Path(str(resources.files("anomaly_diffusion.configs") / f"{name}.yaml"))
+
+
+def timestamped(prefix: str) -> str:
+    """A run name like 'train-20261122-081500'."""
+    return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def output_stem(path: Path) -> str:
+    """'scan.nii.gz' -> 'scan', 'xray.png' -> 'xray'; a DICOM folder -> its name."""
+    return re.sub(r"\.(nii|nii\.gz|png|jpe?g|tiff?|bmp|npy|dcm)$", "", path.name, flags=re.IGNORECASE)
+
+
+def find_latest_bundle(root: Path = BUNDLE_ROOT) -> Path:
+    """The newest complete bundle under root (for explain without --checkpoint)."""
+    bundles = sorted(root.glob("*/bundle.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not bundles:
+        raise CheckpointError(
+            f"no --checkpoint given and no trained bundle found under {root}/; pass --checkpoint PATH"
+        )
+    return bundles[-1]
+
+
+def load_model(
+    model: Path | str | None, tracking_uri: str, device: str = "auto"
+) -> tuple[ModelBundle, str, str | None]:
+    """A bundle from a file or a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`).
+
+    `model` None takes the newest bundle under `BUNDLE_ROOT`.
+
+    Returns:
+        (bundle, file name, 'NAME/VERSION' for a registered model or None).
+    """
+    model = model if model is not None else find_latest_bundle()
+    with tempfile.TemporaryDirectory(prefix="adiff-model-") as download:
+        if str(model).startswith(MODELS_PREFIX):
+            path, model_ref = fetch_registered_bundle(tracking_uri, str(model), Path(download))
+        else:
+            path, model_ref = Path(model), None
+        return load_bundle(path, resolve_device(device)), path.name, model_ref
