@@ -1,10 +1,9 @@
 """The `adiff` command line: thin typer commands over `anomaly_diffusion.usecases`.
 
-Terminal concerns (one-line errors, progress bars with time remaining) are in `terminal.py`.
-
 Each command turns its options into a request (or keyword arguments) for one use case and prints
 the outcome. User errors (`AdiffError`) and option values that the parser refuses become one line
-on stderr and exit code 1; Ctrl-C exits 130.
+on stderr and exit code 1; Ctrl-C exits 130 (`terminal.py`: errors, shared options, progress bars
+with time remaining).
 """
 
 from __future__ import annotations
@@ -20,15 +19,28 @@ from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.residuals import RESIDUALS
 from anomaly_diffusion.terminal import (
+    BatchSize,
+    Compile,
+    Device,
+    Fp32,
+    GuidanceOption,
+    ModelRef,
+    NoiseLevel,
     OneLineErrors,
-    choice,
+    Overwrite,
+    ResidualOption,
+    Scale,
+    Steps,
+    TrackingUri,
     console,
     one_line_errors,
     out,
     phase_progress,
     print_data,
+    print_explain,
     progress_bars,
     slice_progress,
+    tracking_store,
 )
 
 app = typer.Typer(
@@ -39,46 +51,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-TrackingUri = Annotated[
-    str | None,
-    typer.Option(
-        "--tracking-uri",
-        envvar="MLFLOW_TRACKING_URI",
-        help="MLflow tracking URI (default: sqlite:///mlruns.db in the current folder).",
-    ),
-]
-ModelRef = Annotated[
-    str | None,
-    typer.Option(
-        "--checkpoint",
-        "--model",
-        help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
-    ),
-]
-BatchSize = Annotated[
-    int | None, typer.Option("--batch-size", min=1, help="Slices per batch (default: the model's explain.batch_size).")
-]
-Device = Annotated[str, typer.Option("--device", **choice(("auto", "cpu", "cuda")))]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
-Compile = Annotated[
-    bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
-]
-Fp32 = Annotated[
-    bool,
-    typer.Option(
-        "--fp32",
-        help="Compute in float32 throughout (default: bf16 mixed precision where the hardware has it, "
-        "CUDA or a CPU with AMX; 2-3x faster, maps differ by ~1e-3).",
-    ),
-]
-
-
-def _uri(option: str | None, configured: str | None = None) -> str:
-    from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
-
-    return option or configured or DEFAULT_TRACKING_URI
 
 
 def _distributed_context() -> Any:
@@ -123,7 +95,7 @@ def train(
 
     given = config is not None or bool(overrides)
     cfg = load_config(resolve_config_path(config), overrides or []) if given or resume is None else None
-    uri = _uri(tracking_uri, cfg.tracking.uri if cfg else None)
+    uri = tracking_store(tracking_uri, cfg.tracking.uri if cfg else None)
     if local_tracking:
         try:
             make_client(uri)
@@ -167,22 +139,9 @@ def explain(
     scans: Annotated[
         list[Path], typer.Argument(help="NIfTI file(s) or DICOM series folder(s), one per model channel.")
     ],
-    noise_level: Annotated[
-        int | None,
-        typer.Option(
-            "--noise-level", "-L", help="Encoding depth L, 1 <= L < T (default: the model's explain.noise_level)."
-        ),
-    ] = None,
-    scale: Annotated[
-        float | None,
-        typer.Option("--scale", help="Guidance scale s, 0 = unguided (default: the model's explain.scale)."),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            "--steps", help="DDIM steps K for encode and for decode, stride L/K (default: the model's explain.steps)."
-        ),
-    ] = None,
+    noise_level: NoiseLevel = None,
+    scale: Scale = None,
+    steps: Steps = None,
     checkpoint: ModelRef = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("adiff_explain"),
     mask: Annotated[Path | None, typer.Option("--mask", help="Ground-truth lesion mask: adds Dice/AUPRC.")] = None,
@@ -197,22 +156,8 @@ def explain(
     ] = None,
     compile_networks: Compile = False,
     fp32: Fp32 = False,
-    residual: Annotated[
-        str | None,
-        typer.Option(
-            "--residual",
-            **choice(RESIDUALS.names()),
-            help=f"How the map is made: {RESIDUALS.help()}. Default: the model's explain.residual.",
-        ),
-    ] = None,
-    guidance: Annotated[
-        str | None,
-        typer.Option(
-            "--guidance",
-            **choice(GUIDANCE.names()),
-            help=f"Guidance target: {GUIDANCE.help()}. Default: the model's explain.guidance.",
-        ),
-    ] = None,
+    residual: ResidualOption = None,
+    guidance: GuidanceOption = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
@@ -221,7 +166,7 @@ def explain(
     request = ExplainRequest(
         scans=scans,
         out_dir=out_dir,
-        tracking_uri=_uri(tracking_uri),
+        tracking_uri=tracking_store(tracking_uri),
         model=checkpoint,
         noise_level=noise_level,
         scale=scale,
@@ -239,28 +184,7 @@ def explain(
     )
     with progress_bars() as progress:
         outcome = run_explain(request, slice_progress(progress))
-    _print_explain(outcome)
-
-
-def _print_explain(outcome: Any) -> None:
-    m = outcome.metrics
-    for name, path in outcome.outputs.items():
-        out.print(f"{name}: {path}", highlight=False)
-    out.print(
-        f"p(healthy) before={m['p_healthy_before_mean']:.3f} after={m['p_healthy_after_mean']:.3f} "
-        f"(mean over {int(m['slices_explained'])} slices); max anomaly score {m['anomaly_max']:.3f}; "
-        f"{m['anomaly_volume_ml']:.2f} mL above {m['anomaly_threshold']:.3f}",
-        highlight=False,
-    )
-    if outcome.pixel is not None:
-        p, b = outcome.pixel, outcome.baseline
-        out.print(
-            f"vs mask: AUPRC={p.auprc:.3f} AUROC={p.auroc:.3f} "
-            f"Dice(otsu)={p.dice_otsu:.3f} Dice(best)={p.dice_best:.3f}"
-            f" | raw-intensity baseline: AUPRC={b.auprc:.3f} AUROC={b.auroc:.3f} Dice(best)={b.dice_best:.3f}",
-            highlight=False,
-        )
-    out.print(f"mlflow run: {outcome.run_id}   time: {outcome.seconds:.0f} s", highlight=False)
+    print_explain(outcome)
 
 
 @app.command()
@@ -313,6 +237,7 @@ def evaluate(
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
     from anomaly_diffusion.distributed import shutdown
+    from anomaly_diffusion.evaluation.methods import split_method_specs
     from anomaly_diffusion.usecases.evaluate import EvaluateRequest, run_evaluate
 
     try:
@@ -322,11 +247,10 @@ def evaluate(
     request = EvaluateRequest(
         manifest=manifest,
         out_dir=out_dir,
-        tracking_uri=_uri(tracking_uri),
+        tracking_uri=tracking_store(tracking_uri),
         model=checkpoint,
         split=split,
-        # ';' separates a named method's keys on the command line, where ',' separates methods
-        methods=_join_method_specs([m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]),
+        methods=split_method_specs(methods),
         threshold_split=threshold_split,
         median_size=median_filter,
         fprs=fprs,
@@ -358,17 +282,6 @@ def evaluate(
     out.print(f"mlflow run: {outcome.run_id}   time: {outcome.seconds:.0f} s", highlight=False)
 
 
-def _join_method_specs(specs: list[str]) -> list[str]:
-    """Re-join 'NAME:L=1,s=2' specs that the ',' split cut into 'NAME:L=1' and 's=2'."""
-    joined: list[str] = []
-    for spec in specs:
-        if joined and "=" in spec and ":" not in spec and ":" in joined[-1]:
-            joined[-1] += "," + spec
-        else:
-            joined.append(spec)
-    return joined
-
-
 @app.command()
 @one_line_errors
 def demo(
@@ -390,7 +303,7 @@ def demo(
     with progress_bars() as progress:
         hooks = DemoHooks(say, phase_progress(progress), print_data, slice_progress(progress))
         outcome = run_demo(work_dir, tracking_uri, n_subjects, overrides or [], hooks)
-    _print_explain(outcome.explained)
+    print_explain(outcome.explained)
     out.print(
         f"training run: {outcome.trained.run_id}   store: {outcome.tracking_uri}   (adiff ui to browse)",
         highlight=False,
@@ -409,7 +322,7 @@ def register(
     """Register a training run's bundle in the MLflow Model Registry."""
     from anomaly_diffusion.tracking import register_model
 
-    version = register_model(_uri(tracking_uri), run_id, name, alias)
+    version = register_model(tracking_store(tracking_uri), run_id, name, alias)
     out.print(f"registered models:/{name}/{version}" + (f" (alias @{alias})" if alias else ""), highlight=False)
 
 
@@ -447,7 +360,7 @@ def ui(
     """Start the MLflow UI for the tracking store on 127.0.0.1 (Ctrl-C stops it)."""
     from anomaly_diffusion.tracking import free_port, start_ui
 
-    uri = _uri(tracking_uri)
+    uri = tracking_store(tracking_uri)
     chosen = free_port(port)
     process = start_ui(uri, "127.0.0.1", chosen)
     out.print(f"MLflow UI for {uri}: http://127.0.0.1:{chosen}  (Ctrl-C to stop)", highlight=False)

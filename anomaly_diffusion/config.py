@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
+from anomaly_diffusion.diffusion.sampling import ddim_grid
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.residuals import RESIDUALS
 
@@ -136,18 +137,12 @@ class ExplainConfig(_Strict):
     # 'regions' sum_p log p(region p healthy | x_t), every region of the (lse) classifier towards healthy
     guidance: str = "slice"
 
-    @field_validator("residual")
+    @field_validator("residual", "guidance")
     @classmethod
-    def _residual(cls, value: str) -> str:
-        if value not in RESIDUALS:
-            raise ValueError(f"must be one of {', '.join(RESIDUALS.names())}")
-        return value
-
-    @field_validator("guidance")
-    @classmethod
-    def _guidance(cls, value: str) -> str:
-        if value not in GUIDANCE:
-            raise ValueError(f"must be one of {', '.join(GUIDANCE.names())}")
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        registry = RESIDUALS if info.field_name == "residual" else GUIDANCE
+        if value not in registry:
+            raise ValueError(f"must be one of {', '.join(registry.names())}")
         return value
 
 
@@ -178,8 +173,10 @@ class Config(_Strict):
                     f"data.image_size={self.data.image_size} must be divisible by {factor} "
                     f"({name} downsamples {levels} times)"
                 )
-        if self.explain.noise_level >= self.schedule.num_timesteps:
-            raise ValueError("explain.noise_level must be < schedule.num_timesteps")
+        try:  # the one check of L and K (the same function explain and evaluate build their grid with)
+            ddim_grid(self.explain.noise_level, self.explain.steps, self.schedule.num_timesteps)
+        except ConfigError as exc:
+            raise ValueError(f"explain: {exc}") from None
         poolings = GUIDANCE.get(self.explain.guidance).function.poolings
         if poolings and self.classifier.pooling not in poolings:
             raise ValueError(

@@ -227,6 +227,21 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     )
 
 
+def split_method_specs(text: str) -> list[str]:
+    """Method specs from the command line: ',' separates methods and ';' a named method's keys.
+
+    'NAME:L=1,s=2' cut into 'NAME:L=1' and 's=2' by the ',' split is joined again.
+    """
+    specs = [m.strip().replace(";", ",") for m in text.split(",") if m.strip()]
+    joined: list[str] = []
+    for spec in specs:
+        if joined and "=" in spec and ":" not in spec and ":" in joined[-1]:
+            joined[-1] += "," + spec
+        else:
+            joined.append(spec)
+    return joined
+
+
 def bind_methods(methods: Sequence[Method], bundle: ModelBundle, batch_size: int | None = None) -> list[Method]:
     """Unique names, and each diffusion method's checked `ExplainSettings` per (level, draw), before any work."""
     names = [m.name for m in methods]
