@@ -18,6 +18,7 @@ from anomaly_diffusion import __version__
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.residuals import RESIDUALS
+from anomaly_diffusion.runtime import set_threads
 from anomaly_diffusion.terminal import (
     BatchSize,
     Compile,
@@ -31,7 +32,9 @@ from anomaly_diffusion.terminal import (
     ResidualOption,
     Scale,
     Steps,
+    Threads,
     TrackingUri,
+    announce,
     console,
     one_line_errors,
     out,
@@ -83,9 +86,11 @@ def train(
     register: Annotated[
         str | None, typer.Option("--register", help="Register the bundle in the MLflow Model Registry under NAME.")
     ] = None,
+    threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Train the DDPM and the noise-aware classifier on a manifest; save a model bundle."""
+    set_threads(threads)
     from anomaly_diffusion.config import load_config
     from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.errors import TrackingError
@@ -116,6 +121,7 @@ def train(
                 resume=resume,
                 register=register,
                 context=context,
+                announce=announce,
             )
     finally:
         shutdown(context)
@@ -158,9 +164,11 @@ def explain(
     fp32: Fp32 = False,
     residual: ResidualOption = None,
     guidance: GuidanceOption = None,
+    threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
+    set_threads(threads)
     from anomaly_diffusion.usecases.explain import ExplainRequest, run_explain
 
     request = ExplainRequest(
@@ -183,7 +191,7 @@ def explain(
         fp32=fp32,
     )
     with progress_bars() as progress:
-        outcome = run_explain(request, slice_progress(progress))
+        outcome = run_explain(request, slice_progress(progress), announce)
     print_explain(outcome)
 
 
@@ -233,9 +241,11 @@ def evaluate(
             "e.g. --set explain.scale=30.",
         ),
     ] = None,
+    threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
+    set_threads(threads)
     from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.evaluation.methods import split_method_specs
     from anomaly_diffusion.usecases.evaluate import EvaluateRequest, run_evaluate
@@ -271,7 +281,7 @@ def evaluate(
 
         context = _distributed_context()
         try:
-            outcome = run_evaluate(request, update if context.is_main else None, context)
+            outcome = run_evaluate(request, update if context.is_main else None, context, announce)
         finally:
             shutdown(context)
     if outcome is None:
@@ -292,9 +302,11 @@ def demo(
         list[str] | None, typer.Option("--set", "-s", help="Dotted override of the demo config.")
     ] = None,
     n_subjects: Annotated[int, typer.Option("--subjects", min=4, help="Synthetic subjects to build.")] = 24,
+    threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """End to end, offline: build a dataset from the MNI152 template with synthetic lesions, train, explain."""
+    set_threads(threads)
     from anomaly_diffusion.usecases.demo import DemoHooks, run_demo
 
     def say(text: str) -> None:

@@ -158,13 +158,23 @@ def guided_denoiser(
 
 
 def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) -> int:
-    """Slices per batch that fit in `fraction` of the free GPU memory (measured on one guided step); 32 on CPU."""
+    """Slices per batch that fit in `fraction` of the free GPU memory (measured on one guided step); 32 on CPU.
+
+    batch = min(max(fraction * free // bytes per slice, 1), MAX_AUTO_BATCH), with the bytes per slice
+    the peak memory of one guided step on `probe` slices, divided by `probe`.
+    """
     device = model_device(bundle)
     if device.type != "cuda":
         return CPU_BATCH_SIZE
-    cfg = bundle.config.data
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
+    per_slice = max(_guided_step_bytes(bundle, device, probe) / probe, 1.0)
+    return int(min(max(fraction * free // per_slice, 1), MAX_AUTO_BATCH))
+
+
+def _guided_step_bytes(bundle: ModelBundle, device: torch.device, probe: int) -> float:
+    """Peak CUDA memory of one guided denoiser step on `probe` slices, above what was allocated before."""
+    cfg = bundle.config.data
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     x = to_device(torch.randn(probe, cfg.image_channels, cfg.image_size, cfg.image_size), device)
@@ -172,8 +182,7 @@ def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) 
     guided = guided_denoiser(bundle, 1.0, True, bundle.config.explain.guidance)
     with torch.no_grad():
         guided(x, t)
-    per_slice = max((torch.cuda.max_memory_allocated(device) - before) / probe, 1.0)
-    return int(min(max(fraction * free // per_slice, 1), MAX_AUTO_BATCH))
+    return float(torch.cuda.max_memory_allocated(device) - before)
 
 
 Encoder = Callable[[ModelBundle, torch.Tensor, ExplainSettings], torch.Tensor]

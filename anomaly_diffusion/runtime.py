@@ -6,9 +6,10 @@ Training and inference both import this module; neither imports the other for it
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
-from typing import cast
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,34 +28,92 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
-def native_bf16_cpu() -> bool:
-    """Whether this CPU does bf16 matrix work in hardware (Intel AMX tiles).
+CPU_BF16_PROBES = (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+"""CPU features that do bf16 matrix work in hardware, by the `torch.cpu` probe that reports each."""
 
-    There oneDNN runs bf16 convolutions 2-3x faster than fp32; on CPUs without it bf16 is emulated
-    and 1.3-3.5x slower, so autocast stays off. Asked once per process: `autocast` runs on every
-    network call.
+
+def cpu_bf16_feature(cpu: Any = torch.cpu) -> str | None:
+    """The first of `CPU_BF16_PROBES` this CPU has ('amx', 'avx512_bf16'), or None.
+
+    With either, oneDNN runs bf16 convolutions natively: measured ~2x faster than fp32 for the
+    brats64 UNet on an AMD EPYC with AVX512-BF16 and 2-3x on an Intel Xeon with AMX. Without, bf16
+    is emulated and 1.3-3.5x slower than fp32. `cpu` is `torch.cpu` (a stand-in in tests).
     """
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    for feature, probe in CPU_BF16_PROBES:
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return feature
+    return None
+
+
+@functools.cache
+def this_cpu_bf16() -> str | None:
+    """`cpu_bf16_feature` of this CPU, asked once per process (`autocast` runs on every network call)."""
+    return cpu_bf16_feature()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the networks compute in on a device, and why: str() gives e.g. 'bfloat16 (avx512_bf16)'."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """'bfloat16', 'float16' or 'float32'."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def choose_precision(device: torch.device, amp: bool, cpu_feature: Callable[[], str | None] | None = None) -> Precision:
+    """Mixed precision where the hardware does it natively, fp32 elsewhere or when `amp` is off.
+
+    CUDA: bf16 (fp16 on GPUs without bf16). CPU: bf16 with AMX or AVX512-BF16 (`cpu_feature`, by
+    default this CPU's `cpu_bf16_feature`), else fp32. `amp` False (`--fp32`, `train.amp: false`): fp32.
+    """
+    if not amp:
+        return Precision(torch.float32, "mixed precision off")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "cuda")
+        return Precision(torch.float16, "cuda without bf16")
+    feature = (cpu_feature or this_cpu_bf16)() if device.type == "cpu" else None
+    if feature is not None:
+        return Precision(torch.bfloat16, feature)
+    return Precision(torch.float32, "no native bf16 on this CPU")
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
-    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 where bf16 is unsupported) and
-    on CPUs with native bf16 (`native_bf16_cpu`); nothing elsewhere, or when `enabled` is False."""
-    if not enabled:
+    """`torch.autocast` in the precision `choose_precision` picks; nothing when that is fp32."""
+    precision = choose_precision(device, enabled)
+    if precision.dtype == torch.float32:
         return nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if device.type == "cpu" and native_bf16_cpu():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast(device.type, dtype=precision.dtype)
 
 
 def precision_name(device: torch.device, amp: bool) -> str:
-    """What `autocast(device, amp)` computes in: 'bfloat16', 'float16' or 'float32'."""
-    context = autocast(device, amp)
-    return str(context.fast_dtype).removeprefix("torch.") if isinstance(context, torch.autocast) else "float32"
+    """What `autocast(device, amp)` computes in, and why, e.g. 'bfloat16 (avx512_bf16)'."""
+    return str(choose_precision(device, amp))
+
+
+def compute_summary(device: torch.device, amp: bool) -> str:
+    """'cpu, 2 threads, bfloat16 (avx512_bf16)': what a run computes on, printed at its start."""
+    threads = torch.get_num_threads()
+    return f"{device.type}, {threads} thread{'s' if threads != 1 else ''}, {choose_precision(device, amp)}"
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` CPU threads for torch (None: keep torch's choice, which follows OMP_NUM_THREADS).
+
+    Two torch processes on 2 cores with default threads each slowed a training step several-fold
+    (oversubscription): give each `--threads 1` or OMP_NUM_THREADS=1. Returns the threads in use.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def model_device(bundle: ModelBundle) -> torch.device:

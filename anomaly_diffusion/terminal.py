@@ -206,7 +206,7 @@ Fp32 = Annotated[
     typer.Option(
         "--fp32",
         help="Compute in float32 throughout (default: bf16 mixed precision where the hardware has it, "
-        "CUDA or a CPU with AMX; 2-3x faster, maps differ by ~1e-3).",
+        "CUDA, or a CPU with AMX or AVX512-BF16; about 2x faster there, maps differ by ~1e-3).",
     ),
 ]
 
@@ -215,6 +215,22 @@ def _uri(option: str | None, configured: str | None = None) -> str:
     from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
 
     return option or configured or DEFAULT_TRACKING_URI
+
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core). Give each of two "
+        "jobs on one machine its share, e.g. --threads 1 on 2 cores: oversubscribed threads are several times slower.",
+    ),
+]
+
+
+def announce(text: str) -> None:
+    """A line about the run that is starting (device, threads, precision), on stderr."""
+    console.print(text, highlight=False)
+
 
 # explain's method options (defaults come from the model)
 NoiseLevel = Annotated[

@@ -2,7 +2,7 @@
 
 DDPM (Ho 2020, Alg. 1): t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 Classifier (Dhariwal & Nichol 2021): cross-entropy of p(y | x_t, t) on noised slices, same t law.
-Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16), and explicit
+Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16: AMX or AVX512-BF16), and explicit
 torch.Generators; the DDPM keeps EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing
 here prints or logs to MLflow: metrics go to a `MetricSink` callback and progress to a
 `PhaseProgress` callback. `trainer.train` runs both phases with checkpoints and writes the bundle.

@@ -68,7 +68,9 @@ def run_demo(
     manifest = build_demo_dataset(work_dir / "data", n_subjects=n_subjects)
     cfg = demo_config(manifest, work_dir / "runs", overrides)
     uri = tracking_uri or cfg.tracking.uri or DEFAULT_TRACKING_URI
-    trained = run_train(cfg, uri, None, timestamped("demo-train"), hooks.train_progress, hooks.on_data)
+    trained = run_train(
+        cfg, uri, None, timestamped("demo-train"), hooks.train_progress, hooks.on_data, announce=hooks.say
+    )
     hooks.say(f"trained in {trained.seconds:.0f} s: {trained.result.bundle_path}")
     row = _held_out(manifest)
     hooks.say(f"explaining held-out subject {row.subject} ...")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from anomaly_diffusion.config import override_explain
 from anomaly_diffusion.data.io import check_writable
@@ -22,7 +23,7 @@ from anomaly_diffusion.evaluation.results import EvaluationReport, evaluate
 from anomaly_diffusion.evaluation.scoring import ScoreProgress, VolumeScores, score_volumes
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.plots import dice_vs_threshold, evaluation_montage, roc_pr_curves
-from anomaly_diffusion.runtime import model_device, precision_name, prepare_for_inference
+from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference
 from anomaly_diffusion.tracking import tracked_run
 from anomaly_diffusion.usecases.common import load_model
 
@@ -104,12 +105,16 @@ def _split_rows(rows: Sequence[ManifestRow], request: EvaluateRequest, name: str
 
 
 def run_evaluate(
-    request: EvaluateRequest, progress: ScoreProgress | None = None, context: DistContext = SINGLE
+    request: EvaluateRequest,
+    progress: ScoreProgress | None = None,
+    context: DistContext = SINGLE,
+    announce: Callable[[str], None] | None = None,
 ) -> EvaluateOutcome | None:
     """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
 
     Under torchrun (`context`), each rank scores every world_size-th volume and rank 0 gathers
-    them, reports and logs; other ranks return None.
+    them, reports and logs; other ranks return None. `announce` is told the device, threads and
+    precision before the work starts.
     """
     started = time.perf_counter()
     started_at = time.time()
@@ -132,6 +137,8 @@ def run_evaluate(
     }
     for path in outputs.values():
         check_writable(path, r.overwrite)
+    if announce is not None and context.is_main:
+        announce(f"compute: {compute_summary(model_device(bundle), cfg.train.amp)}")
 
     def scored(split_rows: list[ManifestRow]) -> list[VolumeScores]:
         mine = score_volumes(bundle, context.shard_list(split_rows), methods, r.median_size, progress)
@@ -181,6 +188,7 @@ def run_evaluate(
         "fprs": ",".join(f"{f:g}" for f in r.fprs),
         "volumes": len(volumes),
         "precision": precision_name(model_device(bundle), cfg.train.amp),
+        "threads": torch.get_num_threads(),
         "checkpoint": bundle_name,
         "model": model_ref or "",
         "explain_overrides": ";".join(r.explain_overrides),

@@ -18,7 +18,7 @@ from anomaly_diffusion.explain import ExplainSettings, explain_scan, explain_set
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
 from anomaly_diffusion.plots import explain_montage
-from anomaly_diffusion.runtime import model_device, precision_name, prepare_for_inference
+from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference
 from anomaly_diffusion.scans import ScanExplanation
 from anomaly_diffusion.tracking import tracked_run
 from anomaly_diffusion.usecases.common import load_model, output_stem
@@ -82,8 +82,15 @@ def _output_paths(scans: Sequence[Path], out_dir: Path) -> dict[str, Path]:
     }
 
 
-def run_explain(request: ExplainRequest, progress: Callable[[int, int], None] | None = None) -> ExplainOutcome:
-    """Explain one scan: NIfTI maps, a montage and a JSON summary, all tracked in one MLflow run."""
+def run_explain(
+    request: ExplainRequest,
+    progress: Callable[[int, int], None] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> ExplainOutcome:
+    """Explain one scan: NIfTI maps, a montage and a JSON summary, all tracked in one MLflow run.
+
+    `announce` is told the device, threads and precision before the work starts.
+    """
     started = time.perf_counter()
     started_at = time.time()
     r = request
@@ -105,6 +112,8 @@ def run_explain(request: ExplainRequest, progress: Callable[[int, int], None] | 
     outputs = _output_paths(r.scans, r.out_dir)
     for path in outputs.values():
         check_writable(path, r.overwrite)
+    if announce is not None:
+        announce(f"compute: {compute_summary(model_device(bundle), settings.amp)}")
     explanation = explain_scan(bundle, scan, settings, brainmask=brain, progress=progress)
     slices = explanation.slices
     region = explained_region(explanation.state) & explanation.foreground
@@ -171,6 +180,7 @@ def _params(
         "guidance": settings.guidance,
         "batch_size": settings.batch_size,
         "precision": precision,
+        "threads": torch.get_num_threads(),
         "inputs": ";".join(p.name for p in r.scans),
         "checkpoint": bundle_name,
         "model": model_ref or "",

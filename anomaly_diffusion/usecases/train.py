@@ -21,6 +21,7 @@ from anomaly_diffusion.errors import CheckpointError, ConfigError, InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.models.bundle import read_bundle_file
 from anomaly_diffusion.plots import training_snapshot
+from anomaly_diffusion.runtime import compute_summary, precision_name, resolve_device
 from anomaly_diffusion.tracking import RunLogger, flatten, make_client, register_model, tracked_run
 from anomaly_diffusion.trainer import (
     BUNDLE_NAME,
@@ -58,12 +59,14 @@ def run_train(
     resume: Path | None = None,
     register: str | None = None,
     context: DistContext = SINGLE,
+    announce: Callable[[str], None] | None = None,
 ) -> TrainOutcome:
     """Load the manifest's train (and val) split, train both models in one tracked MLflow run.
 
     With `resume` (a training output folder), the config, the weights, the optimiser and RNG
     states and the MLflow run come from its `checkpoint.pt`; `cfg`, if given, must be equal.
     Under torchrun every rank trains and only rank 0 talks to MLflow (other ranks get run_id '').
+    `announce` is told the device, threads and precision before training starts.
     """
     started = time.perf_counter()
     state, run_id, registered = None, None, None
@@ -91,6 +94,9 @@ def run_train(
     summary = {"train": data.summary(), **({"val": val.summary()} if val is not None else {})}
     if on_data is not None and context.is_main:
         on_data(summary)
+    device = resolve_device(cfg.train.device)
+    if announce is not None and context.is_main:
+        announce(f"compute: {compute_summary(device, cfg.train.amp)}")
     if not context.is_main:
         result = train(cfg, data, out_dir, val, resume=state, context=context)
         return TrainOutcome("", out_dir, result, summary, time.perf_counter() - started)
@@ -102,6 +108,8 @@ def run_train(
                 {
                     "train.world_size": context.world_size,
                     "train.global_batch_size": cfg.train.batch_size * context.world_size,
+                    "train.precision": precision_name(device, cfg.train.amp),
+                    "train.threads": torch.get_num_threads(),
                 }
             )
             run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
