@@ -1,4 +1,12 @@
-"""Synthetic lesions with known masks, blended into a brain volume (for the demo dataset and tests)."""
+"""Synthetic lesions with known masks, blended into a brain volume (for the demo dataset and tests).
+
+Two kinds (`LESION_KINDS`):
+- `bright`: hyperintense blobs in white matter, 1.5-1.9x its mean intensity: out of range, so a
+  threshold on the raw intensity finds them (as raw FLAIR finds most of a glioma);
+- `grey`: masses of grey-matter intensity inside white matter: out of place, not out of range.
+  Every intensity they have also occurs in healthy cortex, so no intensity threshold separates
+  them; only a model of where grey matter belongs does.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,12 @@ LESION_DIAMETER_MM = (8.0, 25.0)
 LESION_CONTRAST = (1.5, 1.9)  # lesion intensity / subject's mean white-matter intensity
 MIN_LESION_RADIUS_VOXELS = 1.1  # keeps a centre voxel and its 6 neighbours at coarse voxels
 LESION_EDGE_VOXELS = 0.5  # width of the soft edge of the blend weight
+GREY_JITTER = 0.05  # a grey mass's intensity: the subject's mean grey-matter intensity x (1 +- this)
 _MAX_LESIONS = 3
+LESION_KINDS = {
+    "bright": "hyperintense blobs in white matter (out of range: raw intensity finds them)",
+    "grey": "masses of grey-matter intensity inside white matter (out of place: raw intensity cannot)",
+}
 
 
 def rotation_matrix(angles: np.ndarray) -> np.ndarray:
@@ -49,16 +62,18 @@ def add_lesions(
     *,
     brain_mask: np.ndarray | None = None,
     n_lesions: int | None = None,
+    grey_intensity: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Add blobby hyperintense lesions centred in white matter.
+    """Add blobby lesions centred in white matter: hyperintense, or of grey-matter intensity.
 
     Each lesion is the union of a main ellipsoid (diameter 8-25 mm, at least
     2 x `MIN_LESION_RADIUS_VOXELS` voxels so it survives coarse voxels) and 0-2 smaller
     ellipsoids off its centre, all randomly oriented. Its soft weight w (0..1) blends the
     intensity towards k x mean WM intensity with k in [1.5, 1.9]:
-    v <- (1 - w) v + w k mean_wm. The centre is a white-matter voxel (inside the brain mask when
-    one is given), at least 0.6 x the lesion's radius deep in white matter where there is such
-    a voxel; the lesion mask is w > 0.5 and always contains the centre voxel.
+    v <- (1 - w) v + w k mean_wm; with `grey_intensity` g (a `grey` lesion) towards g x (1 +- 5 %).
+    The centre is a white-matter voxel (inside the brain mask when one is given), at least 0.6 x
+    the lesion's radius deep in white matter where there is such a voxel; the lesion mask is
+    w > 0.5 and always contains the centre voxel.
 
     Args:
         volume: intensities, shape (X, Y, Z); not modified.
@@ -67,6 +82,7 @@ def add_lesions(
         voxel_size_mm: isotropic voxel edge, to size the lesions in mm.
         brain_mask: if given (brain where > 0.5), lesions are cut to the brain.
         n_lesions: number of lesions; random in 1..3 when None.
+        grey_intensity: the subject's mean grey-matter intensity: makes `grey` lesions (None: `bright`).
 
     Returns:
         The lesioned volume (float32, same shape) and the lesion mask (uint8 0/1).
@@ -116,7 +132,10 @@ def add_lesions(
             weight = np.maximum(weight, _ellipsoid_weight(coords, part_centre, radii, rotation))
         if inside is not None:
             weight = weight * inside[box]
-        target = rng.uniform(*LESION_CONTRAST) * mean_wm
+        if grey_intensity is None:
+            target = rng.uniform(*LESION_CONTRAST) * mean_wm
+        else:
+            target = grey_intensity * rng.uniform(1 - GREY_JITTER, 1 + GREY_JITTER)
         out[box] = (1 - weight) * out[box] + weight * target
         weight_max[box] = np.maximum(weight_max[box], weight)
     return out, (weight_max > 0.5).astype(np.uint8)

@@ -9,15 +9,18 @@ without a network. Each subject is a plausible variation of the same brain:
    5 degrees, scale +-5 %, shift +-2 mm) are composed into one sampling grid and applied with
    one interpolation to the T1, the white-matter probability and the brain mask;
 3. a random gamma changes tissue contrast;
-4. lesioned subjects get 1 to 3 blobby hyperintense lesions centred in white matter
-   (`add_lesions`), blended towards 1.5-1.9x the subject's mean white-matter intensity;
+4. lesioned subjects get 1 to 3 blobby lesions centred in white matter (`add_lesions`) of one
+   kind (`data.lesions.LESION_KINDS`): `bright`, blended towards 1.5-1.9x the subject's mean
+   white-matter intensity, or `grey`, towards its mean grey-matter intensity (out of place, not
+   out of range);
 5. a smooth multiplicative bias field (+-10-15 %) and Gaussian noise (2-4 % of the mean brain
    intensity) imitate the scanner; everything outside the brain mask is zero, as in
    skull-stripped data.
 
-The lesions are brighter than white matter, like white-matter lesions on FLAIR, although the
-anatomy is a T1: the point is a realistic brain with a known, detectable anomaly, not a
-faithful MS simulation. Healthy subjects get an all-zero lesion mask so that slice labels can
+Bright lesions are brighter than white matter, like white-matter lesions on FLAIR, although the
+anatomy is a T1; grey ones look like a heterotopia. The point is a realistic brain with known
+anomalies, one kind that a raw-intensity threshold finds and one that it cannot, not a faithful
+simulation of a disease. Healthy subjects get an all-zero lesion mask so that slice labels can
 be derived from the masks (a slice is pathological iff its mask slice has lesion voxels).
 """
 
@@ -33,13 +36,15 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from anomaly_diffusion.data.lesions import add_lesions, rotation_matrix
+from anomaly_diffusion.data.lesions import LESION_KINDS, add_lesions, rotation_matrix
 from anomaly_diffusion.data.manifest import SPLITS, ManifestRow, Split, write_manifest
 from anomaly_diffusion.errors import ConfigError, InputError
+from anomaly_diffusion.files import atomic_write_bytes
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
 }
 
 
@@ -50,6 +55,7 @@ class Template:
     Attributes:
         t1: T1 intensities scaled to 0..1, shape (X, Y, Z), float32.
         wm: white-matter probability 0..1, shape (X, Y, Z), float32.
+        gm: grey-matter probability 0..1, same.
         brain: brain mask as a 0..1 float (fraction of the voxel in the brain), float32.
         affine: voxel-to-world (mm) matrix of the grid, shape (4, 4).
         voxel_size_mm: edge of the isotropic voxels.
@@ -57,6 +63,7 @@ class Template:
 
     t1: np.ndarray
     wm: np.ndarray
+    gm: np.ndarray
     brain: np.ndarray
     affine: np.ndarray
     voxel_size_mm: float
@@ -66,7 +73,7 @@ def template_path(name: str) -> Path:
     """Return the path of one of nilearn's bundled MNI152 2009a files.
 
     Args:
-        name: a key of `TEMPLATE_FILES` ("t1" or "wm").
+        name: a key of `TEMPLATE_FILES` ("t1", "wm" or "gm").
 
     Raises:
         InputError: if nilearn or the file is missing.
@@ -104,7 +111,7 @@ def _downsample(volume: np.ndarray, factor: float) -> np.ndarray:
 
 
 def load_template(voxel_size_mm: float = 2.0) -> Template:
-    """Load nilearn's MNI152 2009a T1 and white-matter map at `voxel_size_mm` isotropic.
+    """Load nilearn's MNI152 2009a T1 and white- and grey-matter maps at `voxel_size_mm` isotropic.
 
     The template is skull-stripped (zero outside the brain) and stored as uint8; the T1 is
     scaled by 1/255 so that white matter is about 0.84 and grey matter about 0.65.
@@ -117,9 +124,11 @@ def load_template(voxel_size_mm: float = 2.0) -> Template:
     """
     t1_image = cast(nib.Nifti1Image, nib.load(template_path("t1")))
     wm_image = cast(nib.Nifti1Image, nib.load(template_path("wm")))
+    gm_image = cast(nib.Nifti1Image, nib.load(template_path("gm")))
     # Reading the uint8 data and converting here is much faster than asking nibabel for floats.
     t1 = np.asanyarray(t1_image.dataobj).astype(np.float32) / 255.0
     wm = np.asanyarray(wm_image.dataobj).astype(np.float32) / 255.0
+    gm = np.asanyarray(gm_image.dataobj).astype(np.float32) / 255.0
     # The T1 is already masked to the brain (CSF included), so its support is the brain mask.
     brain = (t1 > 0).astype(np.float32)
     factor = voxel_size_mm / float(np.linalg.norm(t1_image.affine[:3, 0]))
@@ -130,6 +139,7 @@ def load_template(voxel_size_mm: float = 2.0) -> Template:
     return Template(
         t1=_downsample(t1, factor),
         wm=_downsample(wm, factor),
+        gm=_downsample(gm, factor),
         brain=_downsample(brain, factor),
         affine=affine,
         voxel_size_mm=voxel_size_mm,
@@ -195,13 +205,13 @@ class Subject:
     brain: np.ndarray
 
 
-def make_subject(template: Template, rng: np.random.Generator, *, lesioned: bool) -> Subject:
+def make_subject(template: Template, rng: np.random.Generator, *, lesion_kind: str | None) -> Subject:
     """Make one subject: deformed, contrast-varied, optionally lesioned, biased and noisy.
 
     Args:
         template: the resampled template (`load_template`).
         rng: source of randomness.
-        lesioned: whether to add lesions (`add_lesions`).
+        lesion_kind: a `LESION_KINDS` name (`add_lesions`), or None for a healthy subject.
     """
     shape = template.t1.shape
     grid = _sampling_grid(shape, template.voxel_size_mm, rng)
@@ -210,8 +220,17 @@ def make_subject(template: Template, rng: np.random.Generator, *, lesioned: bool
     brain = ndimage.map_coordinates(template.brain, grid, order=1, mode="constant") > 0.5
     t1 = np.clip(t1, 0.0, 1.0) ** np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
     lesion = np.zeros(shape, dtype=np.uint8)
-    if lesioned:
-        t1, lesion = add_lesions(t1, wm, rng, template.voxel_size_mm, brain_mask=brain)
+    if lesion_kind is not None:
+        grey = None
+        if lesion_kind == "grey":
+            gm = ndimage.map_coordinates(template.gm, grid, order=1, mode="constant")
+            grey = float(t1[(gm > 0.5) & brain].mean())
+        voxel_ml = template.voxel_size_mm**3 / 1000
+        for _ in range(MAX_LESION_DRAWS):  # a lesioned subject has at least MIN_LESION_ML of lesion
+            lesioned, lesion = add_lesions(t1, wm, rng, template.voxel_size_mm, brain_mask=brain, grey_intensity=grey)
+            if lesion.sum() * voxel_ml >= MIN_LESION_ML:
+                break
+        t1 = lesioned
     bias = _smooth_field(shape, 64.0 / template.voxel_size_mm, rng)
     bias *= rng.uniform(0.10, 0.15) / max(float(np.abs(bias).max()), 1e-6)
     t1 = t1 * (1.0 + bias)
@@ -229,16 +248,18 @@ def _split_counts(n: int, fractions: tuple[float, float, float]) -> dict[Split, 
     return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
 
 
-def _lesioned_counts(counts: dict[Split, int], fraction: float) -> dict[Split, int]:
+def _lesioned_counts(counts: dict[Split, int], fraction: float, kinds: int = 1) -> dict[Split, int]:
     """Lesioned subjects per split, about `fraction` of each split and of the whole.
 
-    Test gets at least one lesioned subject and train at least one lesioned and one healthy;
-    the remaining lesioned subjects go where the proportional share was most rounded down.
+    Test (and val, where it has subjects) gets at least one lesioned subject of each of `kinds`
+    lesion kinds where it has room, train at least one lesioned and one healthy; the remaining
+    lesioned subjects go where the proportional share was most rounded down.
     """
     total = sum(counts.values())
-    target = min(max(round(fraction * total), 2), total - 1)
     floors: dict[Split, int] = {s: math.floor(fraction * n) for s, n in counts.items()}
-    low: dict[Split, int] = {"train": 1, "val": 0, "test": 1}
+    val_low = min(kinds, counts["val"]) if kinds > 1 else 0
+    low: dict[Split, int] = {"train": 1, "val": val_low, "test": min(kinds, counts["test"])}
+    target = min(max(round(fraction * total), 2, sum(low.values())), total - 1)
     high: dict[Split, int] = {"train": counts["train"] - 1, "val": counts["val"], "test": counts["test"]}
     result = {s: min(max(floors[s], low[s]), high[s]) for s in counts}
     # Ties favour test, then val: the demo explains a held-out lesioned volume.
@@ -270,16 +291,19 @@ def build_demo_dataset(
     voxel_size_mm: float = 2.0,
     splits: tuple[float, float, float] = (0.75, 0.125, 0.125),
     seed: int = 0,
+    lesion_kinds: tuple[str, ...] = ("bright",),
 ) -> Path:
     """Build the demo dataset from nilearn's MNI152 template and write its manifest.
 
-    Subjects are split by subject with the given train/val/test fractions (test has at least
-    one lesioned subject, train both kinds), and each subject draws its own random stream from
-    `seed`, so the whole dataset is a function of the arguments. Files written in `out_dir`,
-    per subject: ``sub-XXX_t1.nii.gz`` (float32), ``sub-XXX_lesion.nii.gz`` and
-    ``sub-XXX_brainmask.nii.gz`` (uint8 0/1), all on the same grid and affine (the template's,
-    with `voxel_size_mm` voxels); then ``manifest.csv``. The mask column points at the
-    lesion masks (all zero for healthy subjects); `label` is left empty.
+    Subjects are split by subject with the given train/val/test fractions (test, and val where
+    it has room, hold a lesioned subject of each lesion kind; train holds lesioned and healthy
+    subjects); within a split, lesioned subjects take the kinds in turn. Each subject draws its
+    own random stream from `seed`, so the whole dataset is a function of the arguments. Files
+    written in `out_dir`, per subject: ``sub-XXX_t1.nii.gz`` (float32), ``sub-XXX_lesion.nii.gz``
+    and ``sub-XXX_brainmask.nii.gz`` (uint8 0/1), all on the same grid and affine (the
+    template's, with `voxel_size_mm` voxels); then ``manifest.csv`` (the mask column points at
+    the lesion masks, all zero for healthy subjects; `label` is left empty) and
+    ``lesion_kinds.csv`` (subject, split, lesion kind or 'none', see `read_lesion_kinds`).
 
     Args:
         out_dir: output folder, created if needed; existing files of the same name are replaced.
@@ -288,6 +312,7 @@ def build_demo_dataset(
         voxel_size_mm: isotropic voxel edge, >= 1 (2 mm gives 99 x 117 x 95 voxels).
         splits: train, val and test fractions of subjects, non-negative, summing to 1.
         seed: seed of all randomness.
+        lesion_kinds: `data.lesions.LESION_KINDS` names, in the order lesioned subjects take them.
 
     Returns:
         The manifest path, ``out_dir / "manifest.csv"``.
@@ -304,26 +329,31 @@ def build_demo_dataset(
         raise ConfigError(f"voxel_size_mm must be >= 1 (the template is 1 mm), got {voxel_size_mm}")
     if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0, abs_tol=1e-6):
         raise ConfigError(f"splits must be 3 non-negative fractions summing to 1, got {splits}")
+    unknown = [k for k in lesion_kinds if k not in LESION_KINDS]
+    if not lesion_kinds or unknown:
+        raise ConfigError(f"lesion_kinds must be among {', '.join(LESION_KINDS)}, got {list(lesion_kinds)}")
     template = load_template(voxel_size_mm)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     split_rng, *subject_seeds = np.random.SeedSequence(seed).spawn(n_subjects + 1)
     counts = _split_counts(n_subjects, splits)
-    lesioned_counts = _lesioned_counts(counts, lesioned_fraction)
+    lesioned_counts = _lesioned_counts(counts, lesioned_fraction, len(lesion_kinds))
     order = np.random.default_rng(split_rng).permutation(n_subjects)
-    assignment: dict[int, tuple[Split, bool]] = {}
+    assignment: dict[int, tuple[Split, str | None]] = {}
     start = 0
     for split in SPLITS:
         members = order[start : start + counts[split]]
         start += counts[split]
         for rank, index in enumerate(members):
-            assignment[int(index)] = (split, rank < lesioned_counts[split])
+            kind = lesion_kinds[rank % len(lesion_kinds)] if rank < lesioned_counts[split] else None
+            assignment[int(index)] = (split, kind)
 
-    rows = []
+    rows, kinds = [], []
     for index in range(n_subjects):
-        split, lesioned = assignment[index]
+        split, kind = assignment[index]
         name = f"sub-{index + 1:03d}"
-        subject = make_subject(template, np.random.default_rng(subject_seeds[index]), lesioned=lesioned)
+        subject = make_subject(template, np.random.default_rng(subject_seeds[index]), lesion_kind=kind)
+        kinds.append(f"{name},{split},{kind or 'none'}\n")
         rows.append(
             ManifestRow(
                 subject=name,
@@ -333,4 +363,20 @@ def build_demo_dataset(
                 brainmask=_save(subject.brain, template.affine, out_dir / f"{name}_brainmask.nii.gz"),
             )
         )
+    atomic_write_bytes(("subject,split,lesion_kind\n" + "".join(kinds)).encode(), out_dir / KINDS_FILE)
     return write_manifest(rows, out_dir / "manifest.csv")
+
+
+KINDS_FILE = "lesion_kinds.csv"
+MIN_LESION_ML = 1.0
+"""Lesions are drawn again (up to MAX_LESION_DRAWS times) until a lesioned subject has this much."""
+MAX_LESION_DRAWS = 5
+
+
+def read_lesion_kinds(manifest: Path) -> dict[str, str]:
+    """subject -> lesion kind ('none' for healthy) of a demo dataset, from the file beside its manifest."""
+    path = manifest.parent / KINDS_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: not found (is {manifest} a demo dataset?)")
+    lines = path.read_text().splitlines()[1:]
+    return {subject: kind for subject, _, kind in (line.split(",") for line in lines if line.strip())}

@@ -181,3 +181,29 @@ def test_add_lesions_needs_white_matter() -> None:
     volume, wm, _ = _phantom()
     with pytest.raises(ValueError, match="white-matter"):
         add_lesions(volume, np.zeros_like(wm), np.random.default_rng(0), 2.0)
+
+
+def test_grey_lesions_have_grey_matter_intensity_inside_white_matter() -> None:
+    volume, wm, brain = _phantom()  # WM 0.8, other brain 0.6
+    for seed in range(5):
+        out, mask = add_lesions(volume, wm, np.random.default_rng(seed), 2.0, brain_mask=brain, grey_intensity=0.6)
+        lesion = out[mask == 1]
+        assert lesion.min() >= 0.6 * 0.95 - 1e-5, "blended towards grey matter (+- 5 %), never darker"
+        assert lesion.max() <= 0.8 + 1e-5, "never brighter than the white matter it replaces"
+        assert lesion.mean() < 0.7, "closer to grey matter than to white matter"
+
+
+def test_both_lesion_kinds_reach_the_held_out_splits(tmp_path: Path) -> None:
+    manifest = build_demo_dataset(tmp_path, n_subjects=16, voxel_size_mm=VOXEL_MM, lesion_kinds=("grey", "bright"))
+    kinds = synthetic.read_lesion_kinds(manifest)
+    rows = read_manifest(manifest)
+    assert set(kinds) == {r.subject for r in rows}
+    for split in ("val", "test"):  # 2 subjects each: one of each kind
+        assert {kinds[r.subject] for r in rows if r.split == split} == {"grey", "bright"}, split
+    for row in rows:
+        lesion = _array(row.mask)
+        assert lesion.any() == (kinds[row.subject] != "none")
+        if lesion.any():  # at least MIN_LESION_ML of lesion
+            assert lesion.sum() * VOXEL_MM**3 / 1000 >= synthetic.MIN_LESION_ML
+    with pytest.raises(ConfigError, match="lesion_kinds"):
+        build_demo_dataset(tmp_path / "x", n_subjects=8, voxel_size_mm=VOXEL_MM, lesion_kinds=("purple",))
