@@ -307,6 +307,7 @@ def demo(
 ) -> None:
     """End to end, offline: build a dataset from the MNI152 template with synthetic lesions, train, explain."""
     set_threads(threads)
+    from anomaly_diffusion.data.lesions import LESION_KINDS
     from anomaly_diffusion.usecases.demo import DemoHooks, run_demo
 
     def say(text: str) -> None:
@@ -315,7 +316,10 @@ def demo(
     with progress_bars() as progress:
         hooks = DemoHooks(say, phase_progress(progress), print_data, slice_progress(progress))
         outcome = run_demo(work_dir, tracking_uri, n_subjects, overrides or [], hooks)
-    print_explain(outcome.explained)
+    for case in outcome.cases:
+        title = f"{case.kind} lesions ({LESION_KINDS[case.kind]}), held-out subject {case.subject}:"
+        out.print(f"\n{title}", highlight=False)
+        print_explain(case.explained)
     out.print(
         f"training run: {outcome.trained.run_id}   store: {outcome.tracking_uri}   (adiff ui to browse)",
         highlight=False,

@@ -16,8 +16,12 @@ randomised so no output is trivially zero) and a synthetic 155-slice head volume
   at the same timesteps, on a few slices; the speed-up of adiff over it and the largest
   difference between their outputs (MONAI's scheduler ends at alpha_bar_0 instead of the clean
   level 1, which is the only intended difference);
-- training images/s of adiff's DDPM loop against a plain MONAI loop (DDPMScheduler.add_noise,
-  MSE, AdamW) on the same UNet and batch;
+- training images/s of adiff's DDPM loop in fp32 and in the mixed precision this machine does
+  natively (bf16 on CPUs with AMX or AVX512-BF16), at 1 and 2 threads, against a plain MONAI loop
+  (DDPMScheduler.add_noise, MSE, AdamW) on the same UNet and batch;
+- the demo's phases (`adiff demo`, its own config): dataset build, seconds per DDPM and classifier
+  step (timed over `--demo-steps` steps), the rest of training, explaining its two held-out
+  subjects, and the full demo's projected time, in fp32 and in mixed precision;
 - peak memory of each measurement: each runs in its own process (peak RSS on CPU, peak CUDA
   memory on a GPU).
 Nothing here is a test: numbers vary with the machine and its load.
@@ -116,12 +120,15 @@ def _settings(bundle: Any, noise_level: int, scale: float, steps: int | None, ba
     return replace(settings, amp=amp)
 
 
-def measure_explain(size: int, steps: int | None, max_slices: int | None, batch_size: int, amp: bool) -> dict[str, Any]:
+def measure_explain(
+    size: int, steps: int | None, max_slices: int | None, batch_size: int, amp: bool, threads: int | None = None
+) -> dict[str, Any]:
     """Explain the synthetic volume (or its first max_slices kept slices); wall time vs floor."""
     from anomaly_diffusion.explain import denoiser, explain_slices, guided_denoiser, p_healthy
-    from anomaly_diffusion.runtime import precision_name, prepare_for_inference
+    from anomaly_diffusion.runtime import precision_name, prepare_for_inference, set_threads
     from anomaly_diffusion.scans import assemble_scan, prepare_scan
 
+    set_threads(threads)
     bundle = prepare_for_inference(_bundle(size))
     scan = _head_scan()
     noise_level = 500
@@ -235,8 +242,14 @@ def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) 
     return result
 
 
-def measure_training(size: int, batch_size: int, n_steps: int, plain: bool) -> dict[str, Any]:
-    """Images/s of adiff's DDPM training step, or of a plain MONAI loop on the same UNet."""
+def measure_training(
+    size: int, batch_size: int, n_steps: int, plain: bool, amp: bool = False, threads: int | None = None
+) -> dict[str, Any]:
+    """Images/s of adiff's DDPM training step (in the precision `amp` gives on this machine), or of a plain
+    MONAI loop (fp32) on the same UNet, with `threads` torch threads."""
+    from anomaly_diffusion.runtime import precision_name, set_threads
+
+    set_threads(threads)
     import torch.nn.functional as F
     from monai.networks.schedulers import DDPMScheduler
 
@@ -255,6 +268,7 @@ def measure_training(size: int, batch_size: int, n_steps: int, plain: bool) -> d
     )
     base = bundle.config.model_dump(mode="json")
     base["train"]["batch_size"] = batch_size
+    base["train"]["amp"] = amp
     warm = config_from_dict(base, ["train.ddpm_steps=3", "train.log_every=1000"])
     timed = config_from_dict(base, [f"train.ddpm_steps={3 + n_steps}", "train.log_every=1000"])
     phase = ddpm_phase(warm, device)
@@ -291,8 +305,70 @@ def measure_training(size: int, batch_size: int, n_steps: int, plain: bool) -> d
     return {
         "size": size,
         "loop": "plain MONAI" if plain else "adiff",
+        "precision": "float32" if plain else precision_name(device, amp),
+        "threads": torch.get_num_threads(),
         "img_per_s": n_steps * batch_size / wall,
         "peak_mb": _peak_memory_mb(),
+    }
+
+
+def measure_demo(amp: bool, threads: int | None, steps: int, work: str) -> dict[str, Any]:
+    """The demo's phases with its own config (`adiff demo`), each DDPM/classifier phase cut to `steps`
+    steps, timed; the full demo's time is projected from the seconds per step."""
+    from pathlib import Path
+
+    from anomaly_diffusion.data.synthetic import build_demo_dataset
+    from anomaly_diffusion.runtime import choose_precision, set_threads
+    from anomaly_diffusion.usecases.demo import DEMO_LESION_KINDS, demo_config, held_out_cases
+    from anomaly_diffusion.usecases.explain import ExplainRequest, run_explain
+    from anomaly_diffusion.usecases.train import run_train
+
+    set_threads(threads)
+    root = Path(work) / f"demo-{'bf16' if amp else 'fp32'}-{torch.get_num_threads()}"
+    started = time.perf_counter()
+    manifest = build_demo_dataset(root / "data", lesion_kinds=DEMO_LESION_KINDS)
+    build_s = time.perf_counter() - started
+    full = demo_config(manifest, root / "runs")
+    overrides = [f"train.ddpm_steps={steps}", f"train.classifier_steps={steps}", f"train.amp={str(amp).lower()}"]
+    overrides += [f"train.checkpoint_every={10 * steps}"]  # no snapshot figures inside the timed steps
+    cfg = demo_config(manifest, root / "runs", overrides)
+    marks: dict[str, list[float]] = {}
+
+    def progress(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        marks.setdefault(phase, []).append(time.perf_counter())
+
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    train_started = time.perf_counter()
+    trained = run_train(cfg, uri, None, "demo-speed", progress)
+    train_s = time.perf_counter() - train_started
+    # seconds per step from the second step on (the first carries one-off set-up)
+    per_step = {p: (t[-1] - t[0]) / max(len(t) - 1, 1) for p, t in marks.items()}
+    explain_s = []
+    for _, row in held_out_cases(manifest):
+        request = ExplainRequest(
+            list(row.images), root / "explain", uri, trained.result.bundle_path, mask=row.mask, overwrite=True
+        )
+        explain_s.append(run_explain(request).seconds)
+    other_s = train_s - sum(per_step[p] * steps for p in per_step)  # data loading, snapshots, bundle, MLflow
+    projected = (
+        build_s
+        + per_step["ddpm"] * full.train.ddpm_steps
+        + per_step["classifier"] * full.train.classifier_steps
+        + other_s
+        + sum(explain_s)
+    )
+    return {
+        "precision": str(choose_precision(torch.device("cpu"), amp)),
+        "threads": torch.get_num_threads(),
+        "build_s": build_s,
+        "ddpm_s_per_step": per_step["ddpm"],
+        "ddpm_steps": full.train.ddpm_steps,
+        "classifier_s_per_step": per_step["classifier"],
+        "classifier_steps": full.train.classifier_steps,
+        "other_train_s": other_s,
+        "explain_s": sum(explain_s),
+        "explained": len(explain_s),
+        "projected_s": projected,
     }
 
 
@@ -312,6 +388,8 @@ def main() -> None:
     parser.add_argument("--naive-slices", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="Skip the full-step and 128x128 volume runs.")
+    parser.add_argument("--demo-steps", type=int, default=20, help="Steps per timed demo phase (0 = skip the demo).")
+    parser.add_argument("--work", default="adiff_bench_speed", help="Folder for the demo phases' data and runs.")
     args = parser.parse_args()
     memory = "peak CUDA MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"device: {_device()}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
@@ -363,12 +441,32 @@ def main() -> None:
             f"{volume['wall_s']:.0f} s: {naive_volume / volume['wall_s']:.1f}x",
             flush=True,
         )
-    print(f"\n| training (DDPM step, batch {args.batch_size // 2}) | size | img/s | {memory} |")
-    print("|---|---|---|---|", flush=True)
+    print(f"\n| training (DDPM step, batch {args.batch_size // 2}) | size | precision | threads | img/s | {memory} |")
+    print("|---|---|---|---|---|---|", flush=True)
     for size in sizes[:1]:
-        for plain in (False, True):
-            r = _isolated(measure_training, size, args.batch_size // 2, args.train_steps, plain)
-            print(f"| {r['loop']} | {size} | {r['img_per_s']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+        runs = [(False, amp, threads) for amp in (False, True) for threads in (1, 2)] + [(True, False, 2)]
+        for plain, amp, threads in runs:
+            r = _isolated(measure_training, size, args.batch_size // 2, args.train_steps, plain, amp, threads)
+            print(
+                f"| {r['loop']} | {size} | {r['precision']} | {r['threads']} | {r['img_per_s']:.1f} | "
+                f"{r['peak_mb']:.0f} |",
+                flush=True,
+            )
+    if args.demo_steps:
+        print(
+            f"\n| demo phases (`adiff demo`, each training phase timed over {args.demo_steps} steps) | threads | "
+            "build s | DDPM s/step x steps | classifier s/step x steps | other train s | explain s | projected s |"
+        )
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+        for amp in (False, True):
+            r = _isolated(measure_demo, amp, None, args.demo_steps, args.work)
+            print(
+                f"| {r['precision']} | {r['threads']} | {r['build_s']:.0f} | "
+                f"{r['ddpm_s_per_step']:.2f} x {r['ddpm_steps']} | "
+                f"{r['classifier_s_per_step']:.2f} x {r['classifier_steps']} | {r['other_train_s']:.0f} | "
+                f"{r['explain_s']:.0f} ({r['explained']} subjects) | {r['projected_s']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

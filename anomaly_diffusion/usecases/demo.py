@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly_diffusion.config import Config, config_from_dict, load_config
-from anomaly_diffusion.data.io import read_volume
+from anomaly_diffusion.data.lesions import LESION_KINDS
 from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
-from anomaly_diffusion.data.synthetic import build_demo_dataset
+from anomaly_diffusion.data.synthetic import build_demo_dataset, read_lesion_kinds
 from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
 from anomaly_diffusion.training import PhaseProgress
 from anomaly_diffusion.usecases.common import resolve_config_path, timestamped
@@ -28,14 +28,26 @@ def demo_config(manifest: Path, output_dir: Path, overrides: list[str] | None = 
     return config_from_dict(base, overrides, source="demo config")
 
 
+DEMO_LESION_KINDS = ("grey", "bright")
+"""The demo's two cases: one raw intensity cannot find (out of place), one it can (out of range)."""
+
+
+@dataclass(frozen=True)
+class DemoCase:
+    """One explained held-out subject: its lesion kind (`data.lesions.LESION_KINDS`) and outcome."""
+
+    kind: str
+    subject: str
+    explained: ExplainOutcome
+
+
 @dataclass(frozen=True)
 class DemoOutcome:
-    """The demo's training run, its explained subject, its tracking store and its wall time."""
+    """The demo's training run, its explained test subjects, its tracking store and its wall time."""
 
     tracking_uri: str
     trained: TrainOutcome
-    subject: str
-    explained: ExplainOutcome
+    cases: tuple[DemoCase, ...]
     seconds: float
 
 
@@ -49,39 +61,38 @@ class DemoHooks:
     explain_progress: Callable[[int, int], None] | None = None
 
 
-def _has_lesion(path: Path | None) -> bool:
-    return path is not None and bool((read_volume(path)[0] > 0).any())
-
-
-def _held_out(manifest: Path) -> ManifestRow:
+def held_out_cases(manifest: Path) -> list[tuple[str, ManifestRow]]:
+    """The first test subject of each lesion kind, in `DEMO_LESION_KINDS` order."""
+    kinds = read_lesion_kinds(manifest)
     test = [r for r in read_manifest(manifest, splits=["test"]) if r.mask is not None]
-    lesioned = [r for r in test if _has_lesion(r.mask)]
-    return (lesioned or test)[0]
+    return [(kind, next(r for r in test if kinds[r.subject] == kind)) for kind in DEMO_LESION_KINDS]
 
 
 def run_demo(
     work_dir: Path, tracking_uri: str | None, n_subjects: int, overrides: list[str], hooks: DemoHooks
 ) -> DemoOutcome:
-    """Build the dataset in `work_dir/data`, train into `work_dir/runs`, explain into `work_dir/explain`."""
+    """Build the dataset in `work_dir/data`, train into `work_dir/runs`, explain a test subject of each
+    lesion kind into `work_dir/explain`."""
     started = time.perf_counter()
     hooks.say(f"building demo dataset from the MNI152 template in {work_dir / 'data'} ...")
-    manifest = build_demo_dataset(work_dir / "data", n_subjects=n_subjects)
+    manifest = build_demo_dataset(work_dir / "data", n_subjects=n_subjects, lesion_kinds=DEMO_LESION_KINDS)
     cfg = demo_config(manifest, work_dir / "runs", overrides)
     uri = tracking_uri or cfg.tracking.uri or DEFAULT_TRACKING_URI
     trained = run_train(
         cfg, uri, None, timestamped("demo-train"), hooks.train_progress, hooks.on_data, announce=hooks.say
     )
     hooks.say(f"trained in {trained.seconds:.0f} s: {trained.result.bundle_path}")
-    row = _held_out(manifest)
-    hooks.say(f"explaining held-out subject {row.subject} ...")
-    request = ExplainRequest(
-        scans=list(row.images),
-        out_dir=work_dir / "explain",
-        tracking_uri=uri,
-        model=trained.result.bundle_path,
-        mask=row.mask,
-        brainmask=row.brainmask,
-        overwrite=True,
-    )
-    explained = run_explain(request, hooks.explain_progress)
-    return DemoOutcome(uri, trained, row.subject, explained, time.perf_counter() - started)
+    cases = []
+    for kind, row in held_out_cases(manifest):
+        hooks.say(f"explaining held-out subject {row.subject} ({LESION_KINDS[kind]}) ...")
+        request = ExplainRequest(
+            scans=list(row.images),
+            out_dir=work_dir / "explain",
+            tracking_uri=uri,
+            model=trained.result.bundle_path,
+            mask=row.mask,
+            brainmask=row.brainmask,
+            overwrite=True,
+        )
+        cases.append(DemoCase(kind, row.subject, run_explain(request, hooks.explain_progress)))
+    return DemoOutcome(uri, trained, tuple(cases), time.perf_counter() - started)
