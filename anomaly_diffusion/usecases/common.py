@@ -19,12 +19,21 @@ BUNDLE_ROOT = Path("adiff_runs")
 
 
 def resolve_config_path(name: str | None) -> Path | None:
-    """A config file path, or the name of a config shipped with the package ('default', 'demo', 'tiny')."""
+    """A config file path, or the name of a config shipped with the package ('default', 'demo', 'tiny').
+
+    A file of that name in the current folder wins over the packaged config; a folder does not
+    (the demo's own work folder is called `adiff_demo`, but users pass `--work-dir demo`).
+    """
     if name is None:
         return None
     path = Path(name)
-    if path.exists() or name not in PACKAGED_CONFIGS:
+    if path.is_file() or name not in PACKAGED_CONFIGS:
         return path
+    return packaged_config(name)
+
+
+def packaged_config(name: str) -> Path:
+    """The path of a config shipped with the package ('default', 'demo', 'tiny')."""
     return Path(str(resources.files("anomaly_diffusion.configs") / f"{name}.yaml"))
 
 

@@ -13,16 +13,14 @@ from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
 from anomaly_diffusion.data.synthetic import build_demo_dataset, read_lesion_kinds
 from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
 from anomaly_diffusion.training import PhaseProgress
-from anomaly_diffusion.usecases.common import resolve_config_path, timestamped
+from anomaly_diffusion.usecases.common import packaged_config, timestamped
 from anomaly_diffusion.usecases.explain import ExplainOutcome, ExplainRequest, run_explain
 from anomaly_diffusion.usecases.train import DataSummary, TrainOutcome, run_train
 
 
 def demo_config(manifest: Path, output_dir: Path, overrides: list[str] | None = None) -> Config:
     """The packaged demo config pointed at a built demo dataset."""
-    path = resolve_config_path("demo")
-    assert path is not None
-    base = load_config(path).model_dump(mode="json")
+    base = load_config(packaged_config("demo")).model_dump(mode="json")
     base["data"]["manifest"] = str(manifest)
     base["train"]["output_dir"] = str(output_dir)
     return config_from_dict(base, overrides, source="demo config")

@@ -32,7 +32,7 @@ def test_oracle_encode_decode_reproduces_input(kind: str, L: int, K: int | None)
 
 @pytest.mark.parametrize(("L", "K"), [(200, None), (500, 25)])
 def test_oracle_decode_from_forward_noised_input_reproduces_it(L: int, K: int | None) -> None:
-    """The stochastic encoding (x_L ~ q(x_L | x_0), `explain.noise_slices`) decodes to x_0 under an oracle."""
+    """The stochastic encoding (x_L ~ q(x_L | x_0), `noise` in `explain.ENCODINGS`) decodes to x_0 under an oracle."""
     schedule = make_schedule("linear", 1000)
     x_0 = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     t = torch.full((2,), L, dtype=torch.long)
