@@ -4,14 +4,13 @@ reach config validation, `explain_settings`, the guided denoiser and evaluate's 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from model_support import TINY, tiny_bundle
 
 from anomaly_diffusion.config import load_config
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceSource, GuidanceTarget
-from anomaly_diffusion.diffusion.schedule import make_schedule
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
 from anomaly_diffusion.explain import (
@@ -22,24 +21,9 @@ from anomaly_diffusion.explain import (
     explain_settings,
     guided_denoiser,
 )
-from anomaly_diffusion.models.bundle import ModelBundle
-from anomaly_diffusion.models.networks import build_classifier, build_unet
 from anomaly_diffusion.residuals import RESIDUALS, residual_map
 
-TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 DIRECTION = 0.25  # the toy target's constant gradient
-
-
-def _bundle() -> ModelBundle:
-    cfg = load_config(TINY)
-    torch.manual_seed(0)
-    unet = build_unet(cfg.unet, 1)
-    torch.nn.init.normal_(unet.out[-1].conv.weight, std=0.1)  # MONAI zero-initialises the output conv
-    classifier = build_classifier(cfg.classifier, 1)
-    for module in (unet, classifier):
-        module.eval().requires_grad_(False)
-    schedule = make_schedule(cfg.schedule.kind, cfg.schedule.num_timesteps)
-    return ModelBundle(cfg, schedule, unet, classifier, "test", None, {})
 
 
 def _toy_grad(source: GuidanceSource):  # type: ignore[no-untyped-def]
@@ -59,7 +43,7 @@ def toy_target() -> Iterator[str]:
 
 
 def test_a_registered_guidance_target_guides_with_its_gradient(toy_target: str) -> None:
-    bundle = _bundle()
+    bundle = tiny_bundle()
     settings = explain_settings(bundle, guidance=toy_target, scale=3.0)
     assert settings.guidance == "toy"
     x_t, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 40])
@@ -75,24 +59,24 @@ def test_a_registered_target_is_a_config_value_and_a_method_key(toy_target: str)
     assert cfg.explain.guidance == "toy"
     method = parse_method("push:g=toy,s=2", cfg)
     assert method.guidance == "toy" and "toy guidance" in method.describe()
-    (bound,) = bind_methods([method], _bundle())
+    (bound,) = bind_methods([method], tiny_bundle())
     assert [p.guidance for p in bound.plans] == ["toy"]
 
 
 def test_a_target_refuses_a_classifier_it_cannot_use(toy_target: str) -> None:
     with pytest.raises(ConfigError, match="guidance=toy-attn needs a classifier with pooling=attention"):
-        explain_settings(_bundle(), guidance="toy-attn")
+        explain_settings(tiny_bundle(), guidance="toy-attn")
     with pytest.raises(ConfigError, match=r"needs classifier\.pooling=attention"):
         load_config(TINY, ["explain.guidance=toy-attn"])
 
 
 def test_unknown_names_list_the_registry() -> None:
     with pytest.raises(ConfigError, match="guidance must be one of slice, regions, got 'nope'"):
-        explain_settings(_bundle(), guidance="nope")
+        explain_settings(tiny_bundle(), guidance="nope")
     with pytest.raises(ConfigError, match="g must be slice or regions"):
         parse_method("x:g=nope", load_config(TINY))
     with pytest.raises(ConfigError, match="encoding must be one of ddim, noise"):
-        explain_settings(_bundle(), encoding="sde")
+        explain_settings(tiny_bundle(), encoding="sde")
 
 
 def test_a_registered_residual_and_encoding_are_usable() -> None:
@@ -102,7 +86,7 @@ def test_a_registered_residual_and_encoding_are_usable() -> None:
         x, x_healthy = torch.tensor([[[[3.0]], [[1.0]]]]), torch.tensor([[[[1.0]], [[2.0]]]])
         assert residual_map(x, x_healthy, "squared").item() == 5.0
         assert load_config(TINY, ["explain.residual=squared"]).explain.residual == "squared"
-        bundle = _bundle()
+        bundle = tiny_bundle()
         settings = explain_settings(bundle, encoding="identity", residual="squared")
         assert isinstance(settings, ExplainSettings)
         slices = torch.randn(3, 1, 16, 16)
@@ -114,7 +98,7 @@ def test_a_registered_residual_and_encoding_are_usable() -> None:
 
 
 def test_the_grid_is_made_once_and_checked_there() -> None:
-    bundle = _bundle()  # T = 100
+    bundle = tiny_bundle()  # T = 100
     settings = explain_settings(bundle, noise_level=60, steps=6)
     assert settings.grid.taus == (10, 20, 30, 40, 50, 60) and settings.noise_level == 60
     assert explain_settings(bundle, noise_level=7, steps=None, steps_given=True).grid.steps == 7

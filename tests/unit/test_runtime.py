@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from model_support import tiny_bundle
 
 from anomaly_diffusion import explain, runtime
-from anomaly_diffusion.config import load_config
-from anomaly_diffusion.diffusion.schedule import make_schedule
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.explain import explain_settings, explain_slices
-from anomaly_diffusion.models.bundle import ModelBundle
-from anomaly_diffusion.models.networks import build_classifier, build_unet
 from anomaly_diffusion.runtime import Precision, choose_precision, cpu_bf16_feature, prepare_for_inference
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 def _cpu(amx: bool, avx512_bf16: bool) -> SimpleNamespace:
@@ -89,19 +84,8 @@ def test_threads_are_set_and_reported() -> None:
         torch.set_num_threads(before)
 
 
-def _bundle() -> ModelBundle:
-    cfg = load_config(TINY)
-    torch.manual_seed(0)
-    unet = build_unet(cfg.unet, 1)
-    torch.nn.init.normal_(unet.out[-1].conv.weight, std=0.1)  # MONAI zero-initialises the output conv
-    classifier = build_classifier(cfg.classifier, 1)
-    for module in (unet, classifier):
-        module.eval().requires_grad_(False)
-    return ModelBundle(cfg, make_schedule("linear", cfg.schedule.num_timesteps), unet, classifier, "t", None, {})
-
-
 def test_batch_size_from_free_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle = _bundle()
+    bundle = tiny_bundle()
     assert explain.auto_batch_size(bundle) == explain.CPU_BATCH_SIZE
     monkeypatch.setattr(explain, "model_device", lambda b: CUDA)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -118,7 +102,7 @@ def test_bf16_and_fp32_maps_of_a_tiny_model_agree(monkeypatch: pytest.MonkeyPatc
     """Guided maps in bf16 autocast and in fp32 differ by at most 0.02 in normalised units (images span [-1, 3])
     and 5% of the map's peak; the bf16 path is forced so the test means the same on any CPU."""
     monkeypatch.setattr(runtime, "this_cpu_bf16", lambda: "avx512_bf16")
-    bundle = _bundle()
+    bundle = tiny_bundle()
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)).clamp(-1, 3)
     maps = {}
     for fp32 in (True, False):
