@@ -373,21 +373,24 @@ def ui(
     port: Annotated[int, typer.Option("--port", help="First port to try.")] = 5000,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Start the MLflow UI for the tracking store on 127.0.0.1 (Ctrl-C stops it)."""
-    from anomaly_diffusion.tracking import free_port, start_ui
+    """Start the MLflow UI for the tracking store on 127.0.0.1 (Ctrl-C or SIGTERM stops it and its workers)."""
+    import signal
+
+    from anomaly_diffusion.tracking import free_port, start_ui, stop_ui
 
     uri = tracking_store(tracking_uri)
     chosen = free_port(port)
     process = start_ui(uri, "127.0.0.1", chosen)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     out.print(f"MLflow UI for {uri}: http://127.0.0.1:{chosen}  (Ctrl-C to stop)", highlight=False)
     try:
         process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except Exception:
-            process.kill()
+        stop_ui(process)
         out.print("stopped", highlight=False)
 
 

@@ -8,13 +8,16 @@ The default store is a local SQLite file with artifacts in a folder beside it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -289,4 +292,25 @@ def start_ui(uri: str, host: str, port: int) -> subprocess.Popen[bytes]:
     if root:
         command += ["--default-artifact-root", root]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return subprocess.Popen(command, env=env)
+    # its own process group, so that `stop_ui` ends mlflow's uvicorn workers with it
+    return subprocess.Popen(command, env=env, start_new_session=True)
+
+
+def stop_ui(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """End a `start_ui` server and every process it started: SIGTERM to its group, SIGKILL to what is
+    left of the group after `timeout` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(process.pid, 0)  # anyone of the group left?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -61,8 +61,13 @@ def one_line_error(result: Result) -> str:
 
 
 @contextmanager
-def ui_server(uri: str, first_port: int = 5800) -> Iterator[str]:
-    """Run `adiff ui` in its own process group until the block ends; yields its base URL once it answers."""
+def ui_server(
+    uri: str, first_port: int = 5800, stop_signal: int = signal.SIGINT, whole_group: bool = True
+) -> Iterator[str]:
+    """Run `adiff ui` in its own process group until the block ends; yields its base URL once it answers.
+
+    At the end `stop_signal` goes to the whole group (as Ctrl-C in a terminal) or to `adiff ui` alone.
+    """
     process = subprocess.Popen(
         [
             sys.executable,
@@ -95,8 +100,11 @@ def ui_server(uri: str, first_port: int = 5800) -> Iterator[str]:
         else:
             raise AssertionError("adiff ui did not answer within 90 s")
         yield url
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=30) in (0, 130, -signal.SIGINT)
+        if whole_group:
+            os.killpg(process.pid, stop_signal)
+        else:
+            os.kill(process.pid, stop_signal)
+        assert process.wait(timeout=30) in (0, 130, -stop_signal)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -55,7 +55,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | 
         raise InputError(f"{path}: not a NIfTI image") from exc
     except Exception as exc:
         raise InputError(f"{path}: corrupt or unreadable NIfTI header ({exc.__class__.__name__})") from exc
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+    # single files (.nii, .nii.gz) and pairs (.hdr + .img) alike; Analyze 7.5 pairs are refused
+    if not isinstance(image, nib.Nifti1Pair | nib.Nifti2Pair):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
     shape = tuple(int(n) for n in image.shape)
     if not shape or any(n <= 0 for n in shape) or float(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
@@ -67,8 +68,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | 
         raise InputError(f"{path}: truncated or corrupt image data ({exc.__class__.__name__})") from exc
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: corrupt NIfTI header (degenerate affine)")
-    header = image.header.copy()
-    assert isinstance(header, nib.Nifti1Header)
+    # the single-file header of the same fields: outputs are written as .nii.gz whatever came in
+    header = nib.Nifti1Header.from_header(image.header)
     return array, affine, header
 
 

@@ -132,7 +132,30 @@ def run_train(
         if register is not None:
             registered = f"{register}/{register_model(tracking_uri, run.run_id, register)}"
             run.set_tags({"adiff.registered_model": registered})
+        description = _run_description(cfg, summary, result, precision_name(device, cfg.train.amp), registered)
+        run.set_tags({"mlflow.note.content": description})
     return TrainOutcome(run.run_id, out_dir, result, summary, time.perf_counter() - started, registered)
+
+
+def _run_description(
+    cfg: Config, summary: DataSummary, result: TrainResult, precision: str, registered: str | None
+) -> str:
+    """The training run's description in the MLflow UI (markdown)."""
+    data = "; ".join(f"{split}: " + ", ".join(f"{k}={v}" for k, v in c.items()) for split, c in summary.items())
+    accuracy = ", ".join(f"{k.removeprefix('classifier_acc_')} {v:.3f}" for k, v in result.classifier_accuracy.items())
+    lines = [
+        f"Trained the DDPM ({cfg.train.ddpm_steps} steps on {cfg.data.ddpm_train_on} slices, UNet "
+        f"{list(cfg.unet.channels)}) and the noise-aware classifier ({cfg.train.classifier_steps} steps, "
+        f"{cfg.classifier.pooling} pooling) at {cfg.data.image_size}x{cfg.data.image_size}, in {precision}.",
+        "",
+        f"- data: {data}",
+        f"- final DDPM loss {result.ddpm_loss:.4f}; classifier loss {result.classifier_loss:.4f}",
+        f"- classifier accuracy by quarter of the timestep range (q1 = least noise): {accuracy}",
+        f"- explain defaults: L={cfg.explain.noise_level}, s={cfg.explain.scale:g}, K={cfg.explain.steps or 'L'}, "
+        f"{cfg.explain.guidance} guidance, {cfg.explain.residual} residual",
+        "- model bundle: artifacts `model/bundle.pt`" + (f", registered as models:/{registered}" if registered else ""),
+    ]
+    return "\n".join(lines)
 
 
 SNAPSHOT_SAMPLES = 8

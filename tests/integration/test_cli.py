@@ -65,6 +65,9 @@ def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
     assert snapshots == ["snapshots/step_0000002.png", "snapshots/step_0000004.png"]  # each DDPM checkpoint
     assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"config.yaml", "dataset_summary.json"}
     assert train.data.tags["adiff.version"] and "mlflow.source.git.commit" in train.data.tags
+    description = train.data.tags["mlflow.note.content"]  # the run page's description, not "No description"
+    assert "Trained the DDPM (4 steps" in description and "classifier accuracy by quarter" in description
+    assert train.data.params["train.precision"].split(" (")[0] in ("bfloat16", "float32")
     assert explain.data.params["noise_level"] == "30" and explain.data.params["steps"] == "6"
     assert 0 <= explain.data.metrics["p_healthy_before_mean"] <= 1
     assert explain.data.metrics["anomaly_volume_ml"] >= 0 and "anomaly_threshold" in explain.data.metrics

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -89,3 +91,21 @@ def test_explain_run_page_in_headless_chromium(
         assert "p_healthy_before_mean" in overview and "anomaly_volume_ml" in overview
         artifacts = _dump_dom(browser, f"{page}/artifacts/explain/s5_t1_montage.png")
         assert '<img alt="explain/s5_t1_montage.png"' in artifacts  # the PNG preview is rendered
+
+
+def test_ui_stopped_by_sigterm_stops_serving(tmp_path: Path) -> None:
+    """SIGTERM to `adiff ui` alone (as a service manager sends it) ends mlflow's server and workers too."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with tracked_run(uri, "anomaly_diffusion", "a-run", "train"):
+        pass
+    with ui_server(uri, stop_signal=signal.SIGTERM, whole_group=False) as url:
+        pass
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                time.sleep(0.5)
+        except OSError:
+            break
+    else:
+        raise AssertionError(f"{url} still answers after adiff ui got SIGTERM")
