@@ -40,7 +40,9 @@ from anomaly_diffusion.terminal import (
     out,
     phase_progress,
     print_data,
+    print_demo,
     print_explain,
+    print_trained,
     progress_bars,
     slice_progress,
     tracking_store,
@@ -127,16 +129,7 @@ def train(
         shutdown(context)
     if not context.is_main:
         return
-    result = outcome.result
-    out.print(f"bundle: {result.bundle_path}", highlight=False)
-    out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
-    accuracy = "  ".join(f"{k}={v:.3f}" for k, v in result.classifier_accuracy.items())
-    out.print(
-        f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False
-    )
-    if outcome.registered:
-        out.print(f"registered: models:/{outcome.registered}", highlight=False)
-    out.print(f"time: {outcome.seconds:.0f} s", highlight=False)
+    print_trained(outcome, uri)
 
 
 @app.command()
@@ -307,7 +300,6 @@ def demo(
 ) -> None:
     """End to end, offline: build a dataset from the MNI152 template with synthetic lesions, train, explain."""
     set_threads(threads)
-    from anomaly_diffusion.data.lesions import LESION_KINDS
     from anomaly_diffusion.usecases.demo import DemoHooks, run_demo
 
     def say(text: str) -> None:
@@ -316,15 +308,7 @@ def demo(
     with progress_bars() as progress:
         hooks = DemoHooks(say, phase_progress(progress), print_data, slice_progress(progress))
         outcome = run_demo(work_dir, tracking_uri, n_subjects, overrides or [], hooks)
-    for case in outcome.cases:
-        title = f"{case.kind} lesions ({LESION_KINDS[case.kind]}), held-out subject {case.subject}:"
-        out.print(f"\n{title}", highlight=False)
-        print_explain(case.explained)
-    out.print(
-        f"training run: {outcome.trained.run_id}   store: {outcome.tracking_uri}   (adiff ui to browse)",
-        highlight=False,
-    )
-    out.print(f"demo wall time: {outcome.seconds:.0f} s", highlight=False)
+    print_demo(outcome)
 
 
 @app.command()

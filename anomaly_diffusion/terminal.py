@@ -291,3 +291,32 @@ def print_explain(outcome: Any) -> None:
             highlight=False,
         )
     out.print(f"mlflow run: {outcome.run_id}   time: {outcome.seconds:.0f} s", highlight=False)
+
+
+def print_trained(outcome: Any, uri: str) -> None:
+    """The bundle, run and final numbers of a training run (`usecases.train.TrainOutcome`)."""
+    result = outcome.result
+    out.print(f"bundle: {result.bundle_path}", highlight=False)
+    out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
+    accuracy = "  ".join(f"{k}={v:.3f}" for k, v in result.classifier_accuracy.items())
+    out.print(
+        f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False
+    )
+    if outcome.registered:
+        out.print(f"registered: models:/{outcome.registered}", highlight=False)
+    out.print(f"time: {outcome.seconds:.0f} s", highlight=False)
+
+
+def print_demo(outcome: Any) -> None:
+    """Each explained demo case beside its baseline, then the runs (`usecases.demo.DemoOutcome`)."""
+    from anomaly_diffusion.data.lesions import LESION_KINDS
+
+    for case in outcome.cases:
+        title = f"{case.kind} lesions ({LESION_KINDS[case.kind]}), held-out subject {case.subject}:"
+        out.print(f"\n{title}", highlight=False)
+        print_explain(case.explained)
+    out.print(
+        f"training run: {outcome.trained.run_id}   store: {outcome.tracking_uri}   (adiff ui to browse)",
+        highlight=False,
+    )
+    out.print(f"demo wall time: {outcome.seconds:.0f} s", highlight=False)
