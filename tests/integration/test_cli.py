@@ -78,7 +78,8 @@ def test_train_then_explain_writes_outputs_in_input_space_and_tracks_both_runs(
     assert {"explain/s5_t1_anomaly_map.nii.gz", "explain/s5_t1_montage.png"} <= artifacts
     # the run is opened after the outputs exist, but its duration covers the work that made them
     assert explain.info.start_time <= (out / "s5_t1_anomaly_map.nii.gz").stat().st_mtime * 1000
-    assert explain.data.params["precision"] in ("float32", "bfloat16")
+    precision, reason = explain.data.params["precision"].split(" (")  # e.g. 'bfloat16 (avx512_bf16)'
+    assert precision in ("float32", "bfloat16") and reason.endswith(")")
 
 
 def test_explain_errors_are_one_line_and_leave_outputs_untouched(
