@@ -111,7 +111,7 @@ def explain_settings(
         residual=RESIDUALS.check(residual or e.residual),
         encoding=ENCODINGS.check(encoding, "encoding"),
         seed=seed,
-        batch_size=batch_size or e.batch_size or auto_batch_size(bundle),
+        batch_size=resolve_batch_size(bundle, batch_size),
         amp=bundle.config.train.amp,
     )
 
@@ -155,6 +155,11 @@ def guided_denoiser(
     )
     grad_fn = GUIDANCE.get(guidance).function.grad_fn(source)
     return guided_eps_fn(denoiser(bundle, amp), grad_fn, bundle.schedule, scale)
+
+
+def resolve_batch_size(bundle: ModelBundle, batch_size: int | None = None) -> int:
+    """The given batch size, else the model's `explain.batch_size`, else (0) `auto_batch_size` (a GPU probe)."""
+    return batch_size or bundle.config.explain.batch_size or auto_batch_size(bundle)
 
 
 def auto_batch_size(bundle: ModelBundle, fraction: float = 0.6, probe: int = 4) -> int:

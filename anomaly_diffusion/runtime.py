@@ -35,8 +35,8 @@ CPU_BF16_PROBES = (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx51
 def cpu_bf16_feature(cpu: Any = torch.cpu) -> str | None:
     """The first of `CPU_BF16_PROBES` this CPU has ('amx', 'avx512_bf16'), or None.
 
-    With either, oneDNN runs bf16 convolutions natively: measured ~2x faster than fp32 for the
-    brats64 UNet on an AMD EPYC with AVX512-BF16 and 2-3x on an Intel Xeon with AMX. Without, bf16
+    With either, oneDNN runs bf16 convolutions natively: measured 1.7x faster than fp32 for the
+    brats64 UNet (training and explain) on an AMD EPYC with AVX512-BF16 and 2-3x on a Xeon with AMX. Without, bf16
     is emulated and 1.3-3.5x slower than fp32. `cpu` is `torch.cpu` (a stand-in in tests).
     """
     for feature, probe in CPU_BF16_PROBES:

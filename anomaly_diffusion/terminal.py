@@ -206,15 +206,10 @@ Fp32 = Annotated[
     typer.Option(
         "--fp32",
         help="Compute in float32 throughout (default: bf16 mixed precision where the hardware has it, "
-        "CUDA, or a CPU with AMX or AVX512-BF16; about 2x faster there, maps differ by ~1e-3).",
+        "CUDA, or a CPU with AMX or AVX512-BF16; 1.7-3x faster there, maps differ by ~1e-3).",
     ),
 ]
 
-
-def _uri(option: str | None, configured: str | None = None) -> str:
-    from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
-
-    return option or configured or DEFAULT_TRACKING_URI
 
 Threads = Annotated[
     int | None,

@@ -28,7 +28,7 @@ from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import AdiffError, InputError
 from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
 from anomaly_diffusion.models.networks import NoiseAwareClassifier, build_classifier, build_unet
-from anomaly_diffusion.runtime import autocast
+from anomaly_diffusion.runtime import autocast, choose_precision
 
 MetricSink = Callable[[dict[str, float], int], None]
 PhaseProgress = Callable[[str, int, int, dict[str, float]], None]
@@ -40,7 +40,8 @@ class TrainingError(AdiffError):
 
 
 def _scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
-    fp16 = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    """Loss scaling exactly when autocast computes in fp16 (CUDA without bf16), see `runtime.choose_precision`."""
+    fp16 = device.type == "cuda" and choose_precision(device, enabled).dtype == torch.float16
     return torch.amp.GradScaler("cuda", enabled=fp16)
 
 

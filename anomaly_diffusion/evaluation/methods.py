@@ -19,7 +19,7 @@ from typing import Any, Literal
 from anomaly_diffusion.config import Config
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_settings
+from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_settings, resolve_batch_size
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.residuals import RESIDUALS
 
@@ -249,6 +249,7 @@ def bind_methods(methods: Sequence[Method], bundle: ModelBundle, batch_size: int
         raise ConfigError("no methods to evaluate")
     if len(set(names)) != len(names):
         raise ConfigError(f"method names must be unique, got {names}")
+    batch_size = resolve_batch_size(bundle, batch_size)  # once: on a GPU the automatic choice runs a probe step
     bound = []
     for m in methods:
         if m.kind == "diffusion":
