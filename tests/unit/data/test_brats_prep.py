@@ -71,3 +71,39 @@ def test_brats2020_layout_is_split_by_subject(tmp_path: Path) -> None:
     assert len(rows) == 10 and all(r.images[0].name.endswith("_t1ce.nii.gz") for r in rows)
     splits = [r.split for r in rows]
     assert splits.count("val") >= 1 and splits.count("test") >= 1 and splits.count("train") >= 6
+
+
+def test_two_roots_with_a_split_file_and_subjects_lacking_a_channel(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    image, seg = _subject(rng)
+    old = tmp_path / "b2015" / "train" / "pat1"
+    for name in ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"):
+        _write(old / name, image)
+    _write(old / "OTMultiClass.nii.gz", seg)
+    for i in range(3):
+        sid = f"Brats18_X_{i}_1"
+        for suffix in ("t1", "t1ce", "t2", "flair", "seg"):
+            _write(tmp_path / "b2018" / "train" / sid / f"{sid}_{suffix}.nii.gz", seg if suffix == "seg" else image)
+    splits = tmp_path / "splits.csv"
+    splits.write_text(
+        "subject,split,source\npat1,val,x\nBrats18_X_0_1,test,x\nBrats18_X_1_1,train,x\nBrats18_X_2_1,val,x\n"
+    )
+    roots = [str(tmp_path / "b2015"), str(tmp_path / "b2018")]
+    out = tmp_path / "m.csv"
+    base = [sys.executable, str(SCRIPT), *roots, "--out", str(out), "--splits", str(splits)]
+    subprocess.run([*base, "--channels", "flair"], capture_output=True, text=True, check=True)
+    assert {r.subject: r.split for r in read_manifest(out)} == {
+        "pat1": "val",
+        "Brats18_X_0_1": "test",
+        "Brats18_X_1_1": "train",
+        "Brats18_X_2_1": "val",
+    }
+    refused = subprocess.run([*base, "--channels", "t2"], capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "error: BraTS 2015 has channels ['flair', 't1c'], not ['t2']"
+    ]
+    kept = subprocess.run([*base, "--channels", "t2", "--skip-incomplete"], capture_output=True, text=True, check=True)
+    assert "3 subjects (train=1, val=1, test=1)" in kept.stdout and "left out 1 without every channel (pat1)" in kept.stdout
+    splits.write_text("subject,split\npat1,val\nBrats18_X_0_1,test\n")
+    unlisted = subprocess.run([*base, "--channels", "flair"], capture_output=True, text=True, check=False)
+    assert unlisted.returncode == 1 and "no split for 2 subjects found" in unlisted.stderr
