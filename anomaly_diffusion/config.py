@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from anomaly_diffusion.diffusion.guidance import GUIDANCE
+from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceMethod, guidance_conflict
 from anomaly_diffusion.diffusion.sampling import ddim_grid
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.residuals import RESIDUALS
@@ -136,6 +136,13 @@ class ExplainConfig(_Strict):
     # guidance target, a `diffusion.guidance.GUIDANCE` name: 'slice' log p(healthy | x_t) (Wolleb 2022);
     # 'regions' sum_p log p(region p healthy | x_t), every region of the (lse) classifier towards healthy
     guidance: str = "slice"
+    # classifier-free models only: the label of the DDIM inversion, 'null' (unconditional) or 'pathological'
+    encode_label: Literal["null", "pathological"] = "null"
+
+    @field_validator("encode_label", mode="before")
+    @classmethod
+    def _null_label(cls, value: Any) -> Any:
+        return "null" if value is None else value  # YAML reads an unquoted `null` as None
 
     @field_validator("residual", "guidance")
     @classmethod
@@ -146,6 +153,18 @@ class ExplainConfig(_Strict):
         return value
 
 
+class CfgConfig(_Strict):
+    """Classifier-free guidance (`method: classifier_free`, Ho & Salimans 2022): the conditional DDPM's training."""
+
+    # each training slice's label is replaced by the null label with this probability, so one UNet
+    # learns eps(x_t, t, y) and eps(x_t, t, null)
+    label_dropout: float = Field(0.15, ge=0, lt=1)
+
+
+CFG_DEFAULT_SCALE = 3.0
+"""explain.scale (the weight w) of a classifier-free model whose config does not set one."""
+
+
 class TrackingConfig(_Strict):
     """MLflow: None means `MLFLOW_TRACKING_URI` if set, else a local SQLite file."""
 
@@ -154,8 +173,16 @@ class TrackingConfig(_Strict):
 
 
 class Config(_Strict):
-    """The whole configuration of a run."""
+    """The whole configuration of a run.
 
+    `method` decides what `adiff train` trains and the bundle holds: `classifier` (the paper) an
+    unconditional DDPM and a noise-aware classifier; `classifier_free` one label-conditional DDPM
+    (null label with probability `cfg.label_dropout`), no classifier. A classifier-free config that
+    does not set them gets `explain.guidance: cfg`, `explain.scale: CFG_DEFAULT_SCALE` (w) and
+    `data.ddpm_train_on: all` (the conditional DDPM must see both labels).
+    """
+
+    method: GuidanceMethod = "classifier"
     schedule: ScheduleConfig = ScheduleConfig()
     unet: UNetConfig = UNetConfig()
     classifier: ClassifierConfig = ClassifierConfig()
@@ -163,6 +190,19 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     explain: ExplainConfig = ExplainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    cfg: CfgConfig = CfgConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("method") != "classifier_free":
+            return data
+        explain = dict(data.get("explain") or {})
+        explain.setdefault("guidance", "cfg")
+        explain.setdefault("scale", CFG_DEFAULT_SCALE)
+        section = dict(data.get("data") or {})
+        section.setdefault("ddpm_train_on", "all")
+        return {**data, "explain": explain, "data": section}
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -177,11 +217,20 @@ class Config(_Strict):
             ddim_grid(self.explain.noise_level, self.explain.steps, self.schedule.num_timesteps)
         except ConfigError as exc:
             raise ValueError(f"explain: {exc}") from None
-        poolings = GUIDANCE.get(self.explain.guidance).function.poolings
-        if poolings and self.classifier.pooling not in poolings:
+        target = GUIDANCE.get(self.explain.guidance).function
+        if self.method == "classifier" and target.poolings and self.classifier.pooling not in target.poolings:
             raise ValueError(
-                f"explain.guidance={self.explain.guidance} needs classifier.pooling={' or '.join(poolings)}"
+                f"explain.guidance={self.explain.guidance} needs classifier.pooling={' or '.join(target.poolings)}"
             )
+        conflict = guidance_conflict(self.explain.guidance, self.classifier.pooling, self.method)
+        if conflict:
+            raise ValueError(f"explain.{conflict} (method={self.method})")
+        if self.method == "classifier_free" and self.data.ddpm_train_on != "all":
+            raise ValueError(
+                "method=classifier_free trains the DDPM on every slice with its label: data.ddpm_train_on=all"
+            )
+        if self.method == "classifier" and self.explain.encode_label != "null":
+            raise ValueError("explain.encode_label applies to classifier-free models only (method=classifier_free)")
         return self
 
 

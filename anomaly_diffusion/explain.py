@@ -1,7 +1,8 @@
-"""Explain a scan: DDIM-encode without guidance, decode with classifier guidance towards healthy.
+"""Explain a scan: DDIM-encode without guidance, decode with guidance towards healthy.
 
     x_L = ddim_encode(eps_theta, x, L)                                         (no guidance)
     x_healthy = ddim_decode(eps_hat, x_L, L),  eps_hat = eps - s sqrt(1 - alpha_bar_t) grad log p(healthy | x_t)
+                  or, classifier-free:      eps_hat = eps(null) + w (eps(healthy) - eps(null))
     anomaly map = sum_c |x_c - x_healthy_c|                                     (Wolleb 2022)
                   or sum_c max(x_c - x_healthy_c, 0)                (`residual: positive`, bright lesions)
 
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from anomaly_diffusion.data.io import Scan
-from anomaly_diffusion.diffusion.guidance import GUIDANCE, check_guidance, guided_eps_fn
+from anomaly_diffusion.diffusion.guidance import GUIDANCE, check_guidance
 from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_decode, ddim_encode, ddim_grid
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.labels import HEALTHY
+from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.registry import Registry
 from anomaly_diffusion.residuals import RESIDUALS, residual_map
@@ -44,8 +46,9 @@ class ExplainSettings:
 
     Attributes:
         grid: the DDIM levels tau_1..tau_K = L shared by encode and decode.
-        scale: s, the guidance scale (0 = unguided reconstruction).
+        scale: s, the guidance scale (0 = unguided reconstruction); w for classifier-free guidance.
         guidance: a `GUIDANCE` target.
+        encode_label: a classifier-free model's label for the DDIM inversion ('null' or 'pathological').
         residual: a `RESIDUALS` entry, how the map is made.
         encoding: an `ENCODINGS` entry, how x_0 becomes x_L.
         seed: the draw of a stochastic encoding.
@@ -61,6 +64,7 @@ class ExplainSettings:
     seed: int = 0
     batch_size: int = CPU_BATCH_SIZE
     amp: bool = True
+    encode_label: str = "null"
 
     @property
     def noise_level(self) -> int:
@@ -68,12 +72,12 @@ class ExplainSettings:
         return self.grid.noise_level
 
     @property
-    def encode_key(self) -> tuple[DdimGrid, str, int]:
+    def encode_key(self) -> tuple[DdimGrid, str, int, str]:
         """Settings with equal keys share one encoding."""
-        return (self.grid, self.encoding, self.seed)
+        return (self.grid, self.encoding, self.seed, self.encode_label)
 
     @property
-    def decode_key(self) -> tuple[tuple[DdimGrid, str, int], float, str]:
+    def decode_key(self) -> tuple[tuple[DdimGrid, str, int, str], float, str]:
         """Settings with equal keys share one decoding (the residual only changes the map)."""
         return (self.encode_key, self.scale, self.guidance if self.scale > 0 else "none")
 
@@ -103,7 +107,7 @@ def explain_settings(
     s = e.scale if scale is None else scale
     if not (0 <= s <= MAX_SCALE) or not np.isfinite(s):
         raise ConfigError(f"scale must be in 0..{MAX_SCALE:g}, got {s}")
-    target = check_guidance(guidance or e.guidance, bundle.config.classifier.pooling)
+    target = check_guidance(guidance or e.guidance, bundle.config.classifier.pooling, bundle.config.method)
     return ExplainSettings(
         grid=grid,
         scale=float(s),
@@ -113,6 +117,7 @@ def explain_settings(
         seed=seed,
         batch_size=resolve_batch_size(bundle, batch_size),
         amp=bundle.config.train.amp,
+        encode_label=e.encode_label,
     )
 
 
@@ -129,16 +134,64 @@ def _in_mixed_precision(
 
 
 def denoiser(bundle: ModelBundle, amp: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """eps_theta(x_t, t) (B, C, S, S) in fp32, computed under autocast when `amp` (see `runtime.autocast`)."""
+    """eps_theta(x_t, t) (B, C, S, S) in fp32, computed under autocast when `amp` (see `runtime.autocast`).
+
+    A classifier-free model's unconditional denoiser: eps(x_t, t, null).
+    """
     return _in_mixed_precision(bundle, bundle.unet, amp)
 
 
-@dataclass(frozen=True)
-class _ClassifierOutputs:
-    """The bundle's classifier as a `guidance.GuidanceSource`, under the denoiser's autocast."""
+def conditional_denoiser(
+    bundle: ModelBundle, amp: bool
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps(x_t, t, y) of a classifier-free model (labels y (B,)), in fp32 under autocast when `amp`."""
+    if bundle.config.method != "classifier_free":
+        raise ConfigError("this model has no label-conditional denoiser (method=classifier, not classifier_free)")
+    device = model_device(bundle)
 
-    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    region_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    def fn(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            eps: torch.Tensor = bundle.unet(x_t, t, y)
+            return eps.float()
+
+    return fn
+
+
+def encoding_denoiser(
+    bundle: ModelBundle, settings: ExplainSettings
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The denoiser of the DDIM inversion: eps_theta, or a classifier-free model's eps(x_t, t, encode_label)."""
+    if bundle.config.method != "classifier_free" or settings.encode_label == "null":
+        return denoiser(bundle, settings.amp)
+    conditional = conditional_denoiser(bundle, settings.amp)
+    label = PATHOLOGICAL if settings.encode_label == "pathological" else NULL_LABEL
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return conditional(x_t, t, torch.full((x_t.shape[0],), label, dtype=torch.long, device=x_t.device))
+
+    return fn
+
+
+class _BundleSource:
+    """The bundle's networks as a `guidance.GuidanceSource`, each under the denoiser's autocast."""
+
+    def __init__(self, bundle: ModelBundle, amp: bool) -> None:
+        self.bundle, self.amp = bundle, amp
+        self.eps = denoiser(bundle, amp)
+
+    def _classifier(self) -> Any:
+        if self.bundle.classifier is None:
+            raise ConfigError("this model is classifier-free: it has no classifier to guide with")
+        return self.bundle.classifier
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _in_mixed_precision(self.bundle, self._classifier(), self.amp)(x_t, t)
+
+    def region_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _in_mixed_precision(self.bundle, self._classifier().region_logits, self.amp)(x_t, t)
+
+    def conditional_eps(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return conditional_denoiser(self.bundle, self.amp)(x_t, t, y)
 
 
 def guided_denoiser(
@@ -147,14 +200,12 @@ def guided_denoiser(
     """eps_hat(x_t, t): the denoiser guided towards HEALTHY with scale s (plain eps_theta when s = 0).
 
     `guidance` names a `GUIDANCE` target: 'slice' follows grad log p(healthy | x_t); 'regions'
-    follows grad sum_p log p(region p healthy | x_t) of the multiple-instance classifier.
+    follows grad sum_p log p(region p healthy | x_t) of the multiple-instance classifier; 'cfg'
+    is classifier-free guidance with weight w = scale (w = 0: eps(null), the same as s = 0).
     """
-    source = _ClassifierOutputs(
-        logits=_in_mixed_precision(bundle, bundle.classifier, amp),
-        region_logits=_in_mixed_precision(bundle, bundle.classifier.region_logits, amp),
-    )
-    grad_fn = GUIDANCE.get(guidance).function.grad_fn(source)
-    return guided_eps_fn(denoiser(bundle, amp), grad_fn, bundle.schedule, scale)
+    if scale == 0:
+        return denoiser(bundle, amp)
+    return GUIDANCE.get(guidance).function.build(_BundleSource(bundle, amp), bundle.schedule, scale)
 
 
 def resolve_batch_size(bundle: ModelBundle, batch_size: int | None = None) -> int:
@@ -197,7 +248,7 @@ Encoder = Callable[[ModelBundle, torch.Tensor, ExplainSettings], torch.Tensor]
 def _ddim_inversion(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
     """x_L = ddim_encode(eps_theta, x, L), batch by batch, under `torch.inference_mode` (no guidance)."""
     device = model_device(bundle)
-    eps_fn = denoiser(bundle, settings.amp)
+    eps_fn = encoding_denoiser(bundle, settings)
     encoded = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], settings.batch_size):
@@ -235,16 +286,17 @@ def decode_slices(
 ) -> torch.Tensor:
     """x_healthy = ddim_decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
 
-    Only the classifier's input gradient is computed (see `classifier_grad_fn`); with s = 0 the
-    decoding is plain DDIM and runs under `torch.inference_mode`.
+    Only the classifier's input gradient is computed (see `classifier_grad_fn`); with s = 0, or a
+    target that needs no gradient (classifier-free), the decoding runs under `torch.inference_mode`.
     """
     device = model_device(bundle)
     guided = guided_denoiser(bundle, settings.scale, settings.amp, settings.guidance)
+    no_gradients = settings.scale == 0 or not GUIDANCE.get(settings.guidance).function.needs_gradients
     size = settings.batch_size
     decoded = []
     for start in range(0, x_L.shape[0], size):
         batch = to_device(x_L[start : start + size], device)
-        if settings.scale == 0:
+        if no_gradients:
             with torch.inference_mode():
                 decoded.append(ddim_decode(guided, batch, bundle.schedule, settings.grid).cpu())
         else:
@@ -255,7 +307,9 @@ def decode_slices(
 
 
 def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
-    """p(healthy | x, t=0) for clean slices x (N, C, S, S) -> (N,)."""
+    """p(healthy | x, t=0) for clean slices x (N, C, S, S) -> (N,); NaN for a classifier-free model (no classifier)."""
+    if bundle.classifier is None:
+        return torch.full((x.shape[0],), float("nan"), device=x.device)
     t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     with torch.no_grad():
         return torch.softmax(bundle.classifier(x, t).float(), dim=1)[:, HEALTHY]

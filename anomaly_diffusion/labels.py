@@ -13,6 +13,10 @@ from anomaly_diffusion.errors import InputError
 HEALTHY = 0
 PATHOLOGICAL = 1
 LABEL_NAMES = {HEALTHY: "healthy", PATHOLOGICAL: "pathological"}
+NULL_LABEL = 2
+"""The "no label" class of a classifier-free-guidance denoiser eps(x_t, t, null) (Ho & Salimans 2022)."""
+NUM_CLASS_EMBEDS = 3
+"""Class embeddings of a label-conditional UNet: HEALTHY, PATHOLOGICAL and NULL_LABEL."""
 
 
 def check_labels(labels: Iterable[int] | np.ndarray, source: str) -> np.ndarray:

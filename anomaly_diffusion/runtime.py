@@ -142,10 +142,11 @@ def prepare_for_inference(bundle: ModelBundle, compile_networks: bool = False, f
         )
     unet, classifier = bundle.unet, bundle.classifier
     unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if next(classifier.parameters()).device.type == "cuda":
+    if classifier is not None and next(classifier.parameters()).device.type == "cuda":
         # not on CPU: there GroupNorm's backward (the guidance gradient) is 2.7x slower in NHWC
         classifier = classifier.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if compile_networks:
         unet = cast(nn.Module, torch.compile(unet))
-        classifier = cast(NoiseAwareClassifier, torch.compile(classifier))
+        if classifier is not None:
+            classifier = cast(NoiseAwareClassifier, torch.compile(classifier))
     return replace(bundle, unet=unet, classifier=classifier)

@@ -237,7 +237,10 @@ NoiseLevel = Annotated[
 
 Scale = Annotated[
     float | None,
-    typer.Option("--scale", help="Guidance scale s, 0 = unguided (default: the model's explain.scale)."),
+    typer.Option(
+        "--scale",
+        help="Guidance scale s, 0 = unguided; w for classifier-free models (default: the model's explain.scale).",
+    ),
 ]
 
 Steps = Annotated[
@@ -271,9 +274,13 @@ def print_explain(outcome: Any) -> None:
     m = outcome.metrics
     for name, path in outcome.outputs.items():
         out.print(f"{name}: {path}", highlight=False)
-    out.print(
+    healthy = (
         f"p(healthy) before={m['p_healthy_before_mean']:.3f} after={m['p_healthy_after_mean']:.3f} "
-        f"(mean over {int(m['slices_explained'])} slices); max anomaly score {m['anomaly_max']:.3f}; "
+        if "p_healthy_before_mean" in m
+        else "classifier-free model, no p(healthy) "
+    )
+    out.print(
+        f"{healthy}(mean over {int(m['slices_explained'])} slices); max anomaly score {m['anomaly_max']:.3f}; "
         f"{m['anomaly_volume_ml']:.2f} mL above {m['anomaly_threshold']:.3f}",
         highlight=False,
     )
@@ -294,9 +301,8 @@ def print_trained(outcome: Any, uri: str) -> None:
     out.print(f"bundle: {result.bundle_path}", highlight=False)
     out.print(f"mlflow run: {outcome.run_id} ({uri})", highlight=False)
     accuracy = "  ".join(f"{k}={v:.3f}" for k, v in result.classifier_accuracy.items())
-    out.print(
-        f"ddpm_loss={result.ddpm_loss:.4f}  classifier_loss={result.classifier_loss:.4f}  {accuracy}", highlight=False
-    )
+    classifier = f"  classifier_loss={result.classifier_loss:.4f}  {accuracy}" if result.classifier_accuracy else ""
+    out.print(f"ddpm_loss={result.ddpm_loss:.4f}{classifier}", highlight=False)
     if outcome.registered:
         out.print(f"registered: models:/{outcome.registered}", highlight=False)
     out.print(f"time: {outcome.seconds:.0f} s", highlight=False)

@@ -1,6 +1,7 @@
 """Both training phases as one resumable job: checkpoints, resume, the model bundle, snapshots.
 
-`train` runs the DDPM, then the classifier (the loops are in `training.py`), writes a resume
+`train` runs the DDPM, then (`method: classifier`) the classifier (the loops are in `training.py`;
+a classifier-free model has only the DDPM phase, label-conditional), writes a resume
 checkpoint (`checkpoint.pt`) every `train.checkpoint_every` steps and the model bundle
 (`bundle.pt`) at the end. Nothing here prints or logs: callbacks do.
 """
@@ -76,10 +77,12 @@ def train(
     schedule = make_schedule(
         cfg.schedule.kind, cfg.schedule.num_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end
     )
-    ddpm, clf = ddpm_phase(cfg, device), classifier_phase(cfg, device)
+    ddpm = ddpm_phase(cfg, device)
+    clf = classifier_phase(cfg, device) if cfg.method == "classifier" else None
     if resume is not None:
         ddpm.load_state_dict(resume["ddpm"])
-        clf.load_state_dict(resume["classifier"])
+        if clf is not None:
+            clf.load_state_dict(resume["classifier"])
         torch.set_rng_state(resume["torch_rng"])
 
     def checkpoint(phase_name: str) -> SaveCheckpoint:
@@ -90,14 +93,14 @@ def train(
             state = {
                 "phase": phase_name,
                 "ddpm": ddpm.state_dict(),
-                "classifier": clf.state_dict(),
+                "classifier": clf.state_dict() if clf is not None else None,
                 "torch_rng": torch.get_rng_state(),
             }
             payload = bundle_dict(
                 config=cfg,
                 schedule=schedule,
                 unet=ddpm.ema.module,
-                classifier=clf.model,
+                classifier=clf.model if clf is not None else None,
                 train_run_id=train_run_id,
                 extra={"phase": phase_name, "step": step, "complete": False},
             )
@@ -118,9 +121,12 @@ def train(
         and (resume is None or resume["phase"] == "ddpm")
     ):
         observer(cfg.train.ddpm_steps, unet)
-    classifier, classifier_last, accuracy = train_classifier(
-        cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier"), context
-    )
+    classifier: nn.Module | None = None
+    classifier_last, accuracy = float("nan"), dict[str, float]()
+    if clf is not None:
+        classifier, classifier_last, accuracy = train_classifier(
+            cfg, schedule, data, device, val, clf, sink, progress, checkpoint("classifier"), context
+        )
     bundle_path = out_dir / BUNDLE_NAME
     if not context.is_main:
         context.barrier()  # rank 0 writes the bundle

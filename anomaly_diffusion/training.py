@@ -1,6 +1,8 @@
 """Explicit training loops: the DDPM (eps-prediction) and the noise-aware classifier.
 
 DDPM (Ho 2020, Alg. 1): t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
+Classifier-free (Ho & Salimans 2022, Alg. 1): the same loss for eps(x_t, t, y) with each label y
+replaced by the null label with probability p (`cfg.label_dropout`, `drop_labels`); no classifier.
 Classifier (Dhariwal & Nichol 2021): cross-entropy of p(y | x_t, t) on noised slices, same t law.
 Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16: AMX or AVX512-BF16), and explicit
 torch.Generators; the DDPM keeps EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing
@@ -26,7 +28,7 @@ from anomaly_diffusion.data.datasets import SliceDataset
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, q_sample
 from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import AdiffError, InputError
-from anomaly_diffusion.labels import HEALTHY, PATHOLOGICAL
+from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
 from anomaly_diffusion.models.networks import NoiseAwareClassifier, build_classifier, build_unet
 from anomaly_diffusion.runtime import autocast, choose_precision
 
@@ -70,25 +72,58 @@ def _check_finite(loss: torch.Tensor, phase: str, step: int) -> float:
 
 
 def ddpm_loss(
-    unet: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    unet: nn.Module,
+    schedule: NoiseSchedule,
+    x_0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Simple DDPM loss (Ho 2020, eq. 14): ||eps - eps_theta(x_t, t)||^2 with x_t = q_sample(x_0, t, eps).
+    """Simple DDPM loss (Ho 2020, eq. 14): ||eps - eps_theta(x_t, t[, y])||^2 with x_t = q_sample(x_0, t, eps).
 
     Args:
         x_0: clean images (B, C, *spatial); t: timesteps (B,); noise: eps, same shape as x_0.
+        y: class labels (B,) for a label-conditional UNet (classifier-free guidance); None: unconditional.
     """
     x_t = q_sample(schedule, x_0, t, noise)
-    return F.mse_loss(unet(x_t, t).float(), noise)
+    eps = unet(x_t, t) if y is None else unet(x_t, t, y)
+    return F.mse_loss(eps.float(), noise)
+
+
+@dataclass(frozen=True)
+class DdpmBatch:
+    """One DDPM training batch: x_0 (B, C, *spatial), t (B,), eps (like x_0), slice labels y (B,)."""
+
+    x_0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    y: torch.Tensor
 
 
 def ddpm_batch(
-    pool: torch.Tensor, size: int, schedule: NoiseSchedule, generator: torch.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A DDPM training batch drawn from the generator: (x_0, t ~ U{0..T-1}, eps ~ N(0, I)), on device."""
-    x_0 = _batch(pool, size, generator, device)
+    pool: torch.Tensor,
+    labels: torch.Tensor,
+    size: int,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    device: torch.device,
+) -> DdpmBatch:
+    """A DDPM training batch drawn from the generator: x_0 and its labels, t ~ U{0..T-1}, eps ~ N(0, I), on device."""
+    index = torch.randint(0, pool.shape[0], (size,), generator=generator)
+    x_0 = pool[index].to(device, non_blocking=True)
     t = torch.randint(0, schedule.num_timesteps, (size,), generator=generator).to(device)
     noise = torch.randn(x_0.shape, generator=generator).to(device)
-    return x_0, t, noise
+    return DdpmBatch(x_0, t, noise, labels[index].to(device))
+
+
+def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Each label replaced by NULL_LABEL with probability p, independently (Ho & Salimans 2022, Alg. 1).
+
+    Args:
+        y: class labels (B,); p: the dropout probability; generator: the (CPU) source of the draws.
+    """
+    dropped = torch.rand(y.shape[0], generator=generator).to(y.device) < p
+    return torch.where(dropped, torch.full_like(y, NULL_LABEL), y)
 
 
 def _batch(images: torch.Tensor, size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -132,7 +167,7 @@ class Phase:
 def ddpm_phase(cfg: Config, device: torch.device) -> Phase:
     """A fresh DDPM UNet with EMA, AdamW, scaler and its seeded batch generator."""
     torch.manual_seed(cfg.train.seed)
-    unet = build_unet(cfg.unet, cfg.data.image_channels).to(device)
+    unet = build_unet(cfg.unet, cfg.data.image_channels, conditional=cfg.method == "classifier_free").to(device)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=cfg.train.ddpm_lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -168,9 +203,13 @@ def train_ddpm(
     """Train eps_theta on the configured slices from `phase.step`; returns (EMA UNet, last mean loss).
 
     Each step draws a global batch of batch_size x world_size and trains on this rank's shard.
+    With `method: classifier_free` the UNet is label-conditional and sees each slice's label, or
+    the null label with probability `cfg.label_dropout`.
     """
     tc = cfg.train
-    pool = data.images if cfg.data.ddpm_train_on == "all" else data.images[data.labels == HEALTHY]
+    keep = slice(None) if cfg.data.ddpm_train_on == "all" else data.labels == HEALTHY
+    pool, pool_labels = data.images[keep], data.labels[keep]
+    conditional = cfg.method == "classifier_free"
     if tc.ddpm_steps and pool.shape[0] == 0:
         raise InputError(f"no {cfg.data.ddpm_train_on} training slices for the DDPM")
     phase = phase or ddpm_phase(cfg, device)
@@ -181,9 +220,12 @@ def train_ddpm(
     last = float("nan")
     for step in range(phase.step + 1, tc.ddpm_steps + 1):
         unet.train()
-        x_0, t, noise = ddpm_batch(pool, tc.batch_size * context.world_size, schedule, generator, device)
+        batch = ddpm_batch(pool, pool_labels, tc.batch_size * context.world_size, schedule, generator, device)
+        y = context.shard(drop_labels(batch.y, cfg.cfg.label_dropout, generator)) if conditional else None
         with autocast(device, tc.amp):
-            loss = ddpm_loss(model, schedule, context.shard(x_0), context.shard(t), context.shard(noise))
+            loss = ddpm_loss(
+                model, schedule, context.shard(batch.x_0), context.shard(batch.t), context.shard(batch.noise), y
+            )
         running.append(_check_finite(context.mean(loss), "DDPM", step))
         grad_norm = _optimise(loss, unet, phase.optimiser, phase.scaler, tc.grad_clip)
         phase.ema.update_parameters(unet)

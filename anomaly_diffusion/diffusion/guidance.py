@@ -1,28 +1,44 @@
-"""Classifier guidance (Dhariwal & Nichol 2021, Alg. 2) as a wrapper around the denoiser.
+"""Guidance towards healthy as wrappers around the denoiser: two ways.
+
+Classifier guidance (Dhariwal & Nichol 2021, Alg. 2), with a noise-aware classifier:
 
     eps_hat(x_t, t) = eps_theta(x_t, t) - s * sqrt(1 - alpha_bar_t) * grad_x log p(y | x_t, t)
 
-Wolleb et al. 2022 guide the decoding towards y = HEALTHY with the noise-aware classifier. With a
-multiple-instance classifier the target may also be every region healthy (`region_grad_fn`).
+Wolleb et al. 2022 guide the decoding towards y = HEALTHY. With a multiple-instance classifier the
+target may also be every region healthy (`region_grad_fn`).
+
+Classifier-free guidance (Ho & Salimans 2022), with one label-conditional denoiser trained with
+label dropout, no classifier and no gradient:
+
+    eps_hat(x_t, t) = eps(x_t, t, null) + w * (eps(x_t, t, y) - eps(x_t, t, null))
+
+(w = 0: the unconditional path; w = 1: plain conditional; w > 1: further towards y = HEALTHY.)
+Sanchez et al. 2022 use it for lesion localisation.
 
 Guidance targets are registered in `GUIDANCE` (name -> `GuidanceTarget`): config validation, the
-CLI's `--guidance` choices and evaluate's `g=` key come from it. A new target is one grad-function
-factory here plus one `GUIDANCE.register` call.
+CLI's `--guidance` choices and evaluate's `g=` key come from it. A new classifier target is one
+grad-function factory here plus one `GUIDANCE.register(name, classifier_target(factory), help)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from anomaly_diffusion.diffusion.sampling import EpsFn
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, broadcast_to
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.labels import HEALTHY
+from anomaly_diffusion.labels import HEALTHY, NULL_LABEL
 from anomaly_diffusion.registry import Registry
+
+GuidanceMethod = Literal["classifier", "classifier_free"]
+"""How a model guides: with its noise-aware classifier, or classifier-free (a label-conditional denoiser)."""
+
+ConditionalEpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""eps(x_t, t, y): x_t (B, C, *spatial), t (B,), class labels y (B,) -> (B, C, *spatial)."""
 
 GradFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """grad_x log p(y | x_t, t): x_t (B, C, *spatial), t (B,) -> gradient, same shape as x_t."""
@@ -90,8 +106,55 @@ def region_grad_fn(region_logits: Callable[[torch.Tensor, torch.Tensor], torch.T
     return fn
 
 
+def cfg_eps(eps_cond: torch.Tensor, eps_null: torch.Tensor, w: float) -> torch.Tensor:
+    """eps_hat = eps_null + w * (eps_cond - eps_null) (Ho & Salimans 2022, eq. 6 with w = 1 + their w).
+
+    Args:
+        eps_cond: eps(x_t, t, y), (B, C, *spatial).
+        eps_null: eps(x_t, t, null), same shape.
+        w: the guidance weight (0: unconditional, 1: conditional, > 1: stronger towards y).
+    """
+    return eps_null + w * (eps_cond - eps_null)
+
+
+def cfg_eps_fn(conditional_eps: ConditionalEpsFn, w: float, target: int = HEALTHY, null: int = NULL_LABEL) -> EpsFn:
+    """Wrap a label-conditional denoiser so it returns the classifier-free-guided eps_hat towards `target`.
+
+    The conditional and the null pass run as one forward on the batch stacked twice (2B slices):
+    one network call per step instead of two. w = 0 and w = 1 need only one of the passes and run
+    only that one.
+    """
+
+    def labels(n: int, value: int, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), value, dtype=torch.long, device=device)
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x_t.shape[0]
+        if w == 0:
+            return conditional_eps(x_t, t, labels(n, null, x_t.device))
+        if w == 1:
+            return conditional_eps(x_t, t, labels(n, target, x_t.device))
+        y = torch.cat([labels(n, target, x_t.device), labels(n, null, x_t.device)])
+        eps = conditional_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), y)
+        return cfg_eps(eps[:n], eps[n:], w)
+
+    return fn
+
+
 class GuidanceSource(Protocol):
-    """The classifier outputs a guidance target may differentiate, each (x_t, t) -> fp32 logits."""
+    """What a guidance target may use: the denoiser and, by the model's method, the classifier's outputs.
+
+    The classifier methods raise for a classifier-free model, `conditional_eps` for a classifier model;
+    `check_guidance` keeps a target away from a model that cannot give what it needs.
+    """
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t) (unconditional; the null label of a classifier-free model), (B, C, *spatial)."""
+        ...
+
+    def conditional_eps(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """eps(x_t, t, y) of a label-conditional (classifier-free) denoiser, (B, C, *spatial)."""
+        ...
 
     def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Slice logits, (B, n_classes)."""
@@ -104,45 +167,77 @@ class GuidanceSource(Protocol):
 
 @dataclass(frozen=True)
 class GuidanceTarget:
-    """A guidance target: how to make grad_x log p(target | x_t, t) from the classifier.
+    """A guidance target: how to make the guided denoiser eps_hat from a model, at scale s (or weight w).
 
     Attributes:
-        grad_fn: GuidanceSource -> GradFn.
+        build: (GuidanceSource, schedule, scale) -> eps_hat(x_t, t).
+        method: the kind of model it guides (`GuidanceMethod`).
         poolings: the classifier poolings (`classifier.pooling`) it works with; () means any.
+        needs_gradients: whether eps_hat differentiates through a network (else decoding runs
+            under `torch.inference_mode`).
     """
 
-    grad_fn: Callable[[GuidanceSource], GradFn]
+    build: Callable[[GuidanceSource, NoiseSchedule, float], EpsFn]
+    method: GuidanceMethod = "classifier"
     poolings: tuple[str, ...] = ()
+    needs_gradients: bool = True
+
+
+def classifier_target(grad_fn: Callable[[GuidanceSource], GradFn], poolings: tuple[str, ...] = ()) -> GuidanceTarget:
+    """A classifier-guidance target from a factory of grad_x log p(target | x_t, t) (`guided_eps_fn`)."""
+    return GuidanceTarget(
+        lambda source, schedule, scale: guided_eps_fn(source.eps, grad_fn(source), schedule, scale),
+        poolings=poolings,
+    )
 
 
 GUIDANCE: Registry[GuidanceTarget] = Registry("guidance")
 GUIDANCE.register(
     "slice",
-    GuidanceTarget(lambda source: classifier_grad_fn(source.logits, HEALTHY)),
+    classifier_target(lambda source: classifier_grad_fn(source.logits, HEALTHY)),
     "grad log p(healthy | x_t), the paper",
 )
 GUIDANCE.register(
     "regions",
-    GuidanceTarget(lambda source: region_grad_fn(source.region_logits), poolings=("lse",)),
+    classifier_target(lambda source: region_grad_fn(source.region_logits), poolings=("lse",)),
     "every region of an lse classifier towards healthy",
+)
+GUIDANCE.register(
+    "cfg",
+    GuidanceTarget(
+        lambda source, schedule, w: cfg_eps_fn(source.conditional_eps, w),
+        method="classifier_free",
+        needs_gradients=False,
+    ),
+    "classifier-free: eps(null) + w (eps(healthy) - eps(null)), --scale is w",
 )
 
 
-def guidance_conflict(name: str, pooling: str) -> str | None:
-    """Why target `name` cannot guide a classifier that pools by `pooling` (None: it can, or unknown name)."""
+def guidance_conflict(name: str, pooling: str, method: GuidanceMethod = "classifier") -> str | None:
+    """Why target `name` cannot guide this model (None: it can, or unknown name).
+
+    Args:
+        pooling: the model's `classifier.pooling` (unused for a classifier-free model).
+        method: the model's `method`.
+    """
     if name not in GUIDANCE:
         return None
-    poolings = GUIDANCE.get(name).function.poolings
-    if poolings and pooling not in poolings:
-        needed = " or ".join(poolings)
+    target = GUIDANCE.get(name).function
+    if target.method != method:
+        if method == "classifier_free":
+            cfg_names = "/".join(n for n in GUIDANCE.names() if GUIDANCE.get(n).function.method == method)
+            return f"guidance={name} needs a classifier; this model is classifier-free (guidance: {cfg_names})"
+        return f"guidance={name} needs a classifier-free model (method=classifier_free); this model has a classifier"
+    if method == "classifier" and target.poolings and pooling not in target.poolings:
+        needed = " or ".join(target.poolings)
         return f"guidance={name} needs a classifier with pooling={needed}; this model's pools by {pooling}"
     return None
 
 
-def check_guidance(name: str, pooling: str) -> str:
-    """The target's name if it is registered and fits the classifier's pooling, else ConfigError."""
+def check_guidance(name: str, pooling: str, method: GuidanceMethod = "classifier") -> str:
+    """The target's name if it is registered and can guide this model, else ConfigError."""
     GUIDANCE.check(name)
-    conflict = guidance_conflict(name, pooling)
+    conflict = guidance_conflict(name, pooling, method)
     if conflict:
         raise ConfigError(conflict)
     return name

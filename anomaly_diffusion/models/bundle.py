@@ -1,4 +1,7 @@
-"""The model bundle: both networks' weights + resolved config + schedule + package version.
+"""The model bundle: the networks' weights + resolved config + schedule + package version.
+
+A classifier-guidance bundle (`method: classifier`) holds the UNet and the classifier; a
+classifier-free one (`method: classifier_free`) only the label-conditional UNet (`classifier` None).
 
 A bundle is a plain dict of tensors and primitives, written atomically with `torch.save` and
 read with `torch.load(weights_only=True)`, so loading one never runs pickled code.
@@ -32,7 +35,7 @@ class ModelBundle:
     config: Config
     schedule: NoiseSchedule
     unet: nn.Module
-    classifier: NoiseAwareClassifier
+    classifier: NoiseAwareClassifier | None
     package_version: str
     train_run_id: str | None
     extra: dict[str, Any]
@@ -47,7 +50,7 @@ def bundle_dict(
     config: Config,
     schedule: NoiseSchedule,
     unet: nn.Module,
-    classifier: nn.Module,
+    classifier: nn.Module | None,
     train_run_id: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -59,7 +62,7 @@ def bundle_dict(
         "config": config.model_dump(mode="json"),
         "schedule": schedule.to_dict(),
         "unet": {k: v.detach().cpu() for k, v in unet.state_dict().items()},
-        "classifier": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
+        "classifier": None if classifier is None else {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
         "train_run_id": train_run_id,
         "extra": extra or {},
     }
@@ -112,12 +115,13 @@ def load_bundle(path: Path, device: torch.device | str = "cpu") -> ModelBundle:
     if schedule.num_timesteps != config.schedule.num_timesteps:
         raise CheckpointError(f"{path}: schedule length does not match the bundle's config")
     channels = config.data.image_channels
-    unet = build_unet(config.unet, channels)
-    classifier = build_classifier(config.classifier, channels)
-    for name, module in (("unet", unet), ("classifier", classifier)):
+    unet = build_unet(config.unet, channels, conditional=config.method == "classifier_free")
+    classifier = build_classifier(config.classifier, channels) if config.method == "classifier" else None
+    networks: list[tuple[str, nn.Module]] = [("unet", unet)] + ([("classifier", classifier)] if classifier else [])
+    for name, module in networks:
         try:
             module.load_state_dict(data[name])
-        except (RuntimeError, KeyError) as exc:
+        except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: {name} weights do not match the bundle's config") from exc
         module.to(device).eval().requires_grad_(False)
     return ModelBundle(

@@ -1,6 +1,7 @@
-"""Builders for the two networks, both from MONAI.
+"""Builders for the networks, all from MONAI.
 
-- eps_theta: `monai.networks.nets.DiffusionModelUNet`.
+- eps_theta: `monai.networks.nets.DiffusionModelUNet`; for classifier-free guidance the same UNet
+  with class embeddings (`num_class_embeds`), wrapped as `LabelConditionalUNet`.
 - p(y | x_t, t): `NoiseAwareClassifier`, MONAI's `DiffusionModelEncoder` trunk (time embedding,
   ResNet and attention down blocks) with its fixed-size head replaced by global pooling, so it
   works at any image size the config sets (MONAI's own head is a Linear sized for one input shape).
@@ -17,12 +18,15 @@ from torch import nn
 
 from anomaly_diffusion.config import ClassifierConfig, UNetConfig
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.labels import LABEL_NAMES, PATHOLOGICAL
+from anomaly_diffusion.labels import LABEL_NAMES, NULL_LABEL, NUM_CLASS_EMBEDS, PATHOLOGICAL
 
 
-def build_unet(cfg: UNetConfig, image_channels: int, spatial_dims: int = 2) -> DiffusionModelUNet:
-    """The DDPM denoiser eps_theta(x_t, t): (B, C, *spatial), (B,) -> (B, C, *spatial)."""
-    return DiffusionModelUNet(
+def build_unet(cfg: UNetConfig, image_channels: int, spatial_dims: int = 2, conditional: bool = False) -> nn.Module:
+    """The DDPM denoiser eps_theta(x_t, t): (B, C, *spatial), (B,) -> (B, C, *spatial).
+
+    `conditional`: a `LabelConditionalUNet` eps(x_t, t, y) for classifier-free guidance.
+    """
+    unet = DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=image_channels,
         out_channels=image_channels,
@@ -31,7 +35,28 @@ def build_unet(cfg: UNetConfig, image_channels: int, spatial_dims: int = 2) -> D
         num_res_blocks=cfg.num_res_blocks,
         num_head_channels=cfg.num_head_channels,
         norm_num_groups=cfg.norm_num_groups,
+        num_class_embeds=NUM_CLASS_EMBEDS if conditional else None,
     )
+    return LabelConditionalUNet(unet) if conditional else unet
+
+
+class LabelConditionalUNet(nn.Module):
+    """eps(x_t, t, y) with y in {HEALTHY, PATHOLOGICAL, NULL_LABEL}: MONAI's UNet with class embeddings.
+
+    Called without labels it is the unconditional denoiser eps(x_t, t, null), so every caller of a
+    plain eps_theta(x_t, t) (encoding, snapshots) works unchanged.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, C, *spatial), t (B,), y (B,) or None (null) -> eps (B, C, *spatial)."""
+        if y is None:
+            y = torch.full((x_t.shape[0],), NULL_LABEL, dtype=torch.long, device=x_t.device)
+        eps: torch.Tensor = self.unet(x_t, t, class_labels=y)
+        return eps
 
 
 class NoiseAwareClassifier(nn.Module):

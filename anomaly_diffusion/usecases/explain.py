@@ -17,6 +17,7 @@ from anomaly_diffusion.data.transforms import explained_region, mask_to_slices, 
 from anomaly_diffusion.explain import ExplainSettings, explain_scan, explain_settings
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
+from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.plots import explain_montage
 from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference
 from anomaly_diffusion.scans import ScanExplanation
@@ -121,11 +122,18 @@ def run_explain(
     threshold = r.threshold if r.threshold is not None else cfg.explain.threshold
     if threshold is None:
         threshold = float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
-    metrics = {
-        "p_healthy_before_mean": float(slices.p_healthy_before.mean()),
-        "p_healthy_after_mean": float(slices.p_healthy_after.mean()),
-        "p_healthy_before_min": float(slices.p_healthy_before.min()),
-        "p_healthy_after_min": float(slices.p_healthy_after.min()),
+    # a classifier-free model has no classifier: no p(healthy) to report
+    metrics = (
+        {
+            "p_healthy_before_mean": float(slices.p_healthy_before.mean()),
+            "p_healthy_after_mean": float(slices.p_healthy_after.mean()),
+            "p_healthy_before_min": float(slices.p_healthy_before.min()),
+            "p_healthy_after_min": float(slices.p_healthy_after.min()),
+        }
+        if bundle.classifier is not None
+        else {}
+    )
+    metrics |= {
         "anomaly_max": float(explanation.anomaly_map.max()),
         "anomaly_mean": float(slices.anomaly_map.mean()),
         "slices_explained": float(len(explanation.state.kept)),
@@ -148,9 +156,7 @@ def run_explain(
     truth_slices = mask_to_slices(truth, explanation.state) if truth is not None else None
     kept = explanation.state.kept.tolist()
     explain_montage(slices.x, slices.x_healthy, slices.anomaly_map, kept, rows, outputs["montage"], truth_slices)
-    params = _params(
-        r, settings, bundle_name, model_ref, bundle.package_version, precision_name(model_device(bundle), settings.amp)
-    )
+    params = _params(r, settings, bundle, bundle_name, model_ref, precision_name(model_device(bundle), settings.amp))
     summary = {"params": params, "metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}}
     atomic_write_bytes(json.dumps(summary, indent=2).encode(), outputs["summary"])
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
@@ -170,7 +176,12 @@ def run_explain(
 
 
 def _params(
-    r: ExplainRequest, settings: ExplainSettings, bundle_name: str, model_ref: str | None, version: str, precision: str
+    r: ExplainRequest,
+    settings: ExplainSettings,
+    bundle: ModelBundle,
+    bundle_name: str,
+    model_ref: str | None,
+    precision: str,
 ) -> dict[str, object]:
     return {
         "noise_level": settings.noise_level,
@@ -184,17 +195,42 @@ def _params(
         "inputs": ";".join(p.name for p in r.scans),
         "checkpoint": bundle_name,
         "model": model_ref or "",
-        "bundle_version": version,
+        "bundle_version": bundle.package_version,
+        **_method_params(bundle, settings),
+    }
+
+
+def _method_params(bundle: ModelBundle, settings: ExplainSettings) -> dict[str, object]:
+    """How the map was guided: the method; for classifier-free guidance w, label dropout and inversion label."""
+    cfg = bundle.config
+    if cfg.method != "classifier_free":
+        return {"method": cfg.method, "classifier_pooling": cfg.classifier.pooling}
+    return {
+        "method": cfg.method,
+        "cfg_weight": settings.scale,
+        "cfg_label_dropout": cfg.cfg.label_dropout,
+        "encode_label": settings.encode_label,
     }
 
 
 def _run_description(params: dict[str, object], metrics: dict[str, float]) -> str:
+    if params["method"] == "classifier_free":
+        guided = (
+            f"classifier-free guidance towards healthy, w={params['scale']} (label dropout "
+            f"{params['cfg_label_dropout']}, inversion with the {params['encode_label']} label)"
+        )
+        healthy = "- p(healthy): not available (a classifier-free model has no classifier)"
+    else:
+        guided = f"classifier guidance ({params['guidance']} target, {params['classifier_pooling']}-pooled classifier)"
+        healthy = (
+            f"- p(healthy) before: {metrics['p_healthy_before_mean']:.3f} (mean over slices), "
+            f"after: {metrics['p_healthy_after_mean']:.3f}"
+        )
     lines = [
         f"Explained `{params['inputs']}` with L={params['noise_level']}, s={params['scale']}, "
-        f"K={params['steps']} DDIM steps, {params['guidance']} guidance; map: {params['residual']} residual.",
+        f"K={params['steps']} DDIM steps; the map is made by {guided}, {params['residual']} residual.",
         "",
-        f"- p(healthy) before: {metrics['p_healthy_before_mean']:.3f} (mean over slices), "
-        f"after: {metrics['p_healthy_after_mean']:.3f}",
+        healthy,
         f"- max anomaly score: {metrics['anomaly_max']:.3f}; {metrics['anomaly_volume_ml']:.2f} mL above the "
         f"threshold {metrics['anomaly_threshold']:.3f}",
     ]

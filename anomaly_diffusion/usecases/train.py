@@ -143,14 +143,28 @@ def _run_description(
     """The training run's description in the MLflow UI (markdown)."""
     data = "; ".join(f"{split}: " + ", ".join(f"{k}={v}" for k, v in c.items()) for split, c in summary.items())
     accuracy = ", ".join(f"{k.removeprefix('classifier_acc_')} {v:.3f}" for k, v in result.classifier_accuracy.items())
+    size = f"{cfg.data.image_size}x{cfg.data.image_size}"
+    if cfg.method == "classifier_free":
+        trained = [
+            f"Trained a label-conditional DDPM for classifier-free guidance ({cfg.train.ddpm_steps} steps on "
+            f"{cfg.data.ddpm_train_on} slices with their slice labels, null label with probability "
+            f"{cfg.cfg.label_dropout:g}; UNet {list(cfg.unet.channels)}) at {size}, in {precision}. No classifier.",
+            "",
+            f"- data: {data}",
+            f"- final DDPM loss {result.ddpm_loss:.4f}",
+        ]
+    else:
+        trained = [
+            f"Trained the DDPM ({cfg.train.ddpm_steps} steps on {cfg.data.ddpm_train_on} slices, UNet "
+            f"{list(cfg.unet.channels)}) and the noise-aware classifier ({cfg.train.classifier_steps} steps, "
+            f"{cfg.classifier.pooling} pooling) at {size}, in {precision}.",
+            "",
+            f"- data: {data}",
+            f"- final DDPM loss {result.ddpm_loss:.4f}; classifier loss {result.classifier_loss:.4f}",
+            f"- classifier accuracy by quarter of the timestep range (q1 = least noise): {accuracy}",
+        ]
     lines = [
-        f"Trained the DDPM ({cfg.train.ddpm_steps} steps on {cfg.data.ddpm_train_on} slices, UNet "
-        f"{list(cfg.unet.channels)}) and the noise-aware classifier ({cfg.train.classifier_steps} steps, "
-        f"{cfg.classifier.pooling} pooling) at {cfg.data.image_size}x{cfg.data.image_size}, in {precision}.",
-        "",
-        f"- data: {data}",
-        f"- final DDPM loss {result.ddpm_loss:.4f}; classifier loss {result.classifier_loss:.4f}",
-        f"- classifier accuracy by quarter of the timestep range (q1 = least noise): {accuracy}",
+        *trained,
         f"- explain defaults: L={cfg.explain.noise_level}, s={cfg.explain.scale:g}, K={cfg.explain.steps or 'L'}, "
         f"{cfg.explain.guidance} guidance, {cfg.explain.residual} residual",
         "- model bundle: artifacts `model/bundle.pt`" + (f", registered as models:/{registered}" if registered else ""),
@@ -207,7 +221,12 @@ def _resume_point(folder: Path, cfg: Config | None) -> tuple[Config, dict[str, A
 def _preflight(cfg: Config, data: SliceDataset) -> None:
     """Refuse data that cannot train what the config asks for, before any training starts."""
     healthy, pathological = data.count(HEALTHY), data.count(PATHOLOGICAL)
-    if cfg.train.classifier_steps and (healthy == 0 or pathological == 0):
+    if cfg.method == "classifier_free" and cfg.train.ddpm_steps and healthy == 0:
+        raise InputError(
+            f"{cfg.data.manifest}: classifier-free guidance towards healthy needs healthy slices; "
+            "the train split has none"
+        )
+    if cfg.method == "classifier" and cfg.train.classifier_steps and (healthy == 0 or pathological == 0):
         raise InputError(
             f"{cfg.data.manifest}: the classifier needs both classes; the train split has {healthy} healthy and "
             f"{pathological} pathological slices"

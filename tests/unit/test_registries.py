@@ -10,7 +10,7 @@ import torch
 from model_support import TINY, tiny_bundle
 
 from anomaly_diffusion.config import load_config
-from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceSource, GuidanceTarget
+from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceSource, classifier_target
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
 from anomaly_diffusion.explain import (
@@ -33,8 +33,8 @@ def _toy_grad(source: GuidanceSource):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def toy_target() -> Iterator[str]:
-    GUIDANCE.register("toy", GuidanceTarget(_toy_grad), "a constant push, for tests")
-    GUIDANCE.register("toy-attn", GuidanceTarget(_toy_grad, poolings=("attention",)), "needs attention pooling")
+    GUIDANCE.register("toy", classifier_target(_toy_grad), "a constant push, for tests")
+    GUIDANCE.register("toy-attn", classifier_target(_toy_grad, poolings=("attention",)), "needs attention pooling")
     try:
         yield "toy"
     finally:
@@ -71,9 +71,9 @@ def test_a_target_refuses_a_classifier_it_cannot_use(toy_target: str) -> None:
 
 
 def test_unknown_names_list_the_registry() -> None:
-    with pytest.raises(ConfigError, match="guidance must be one of slice, regions, got 'nope'"):
+    with pytest.raises(ConfigError, match="guidance must be one of slice, regions, cfg, got 'nope'"):
         explain_settings(tiny_bundle(), guidance="nope")
-    with pytest.raises(ConfigError, match="g must be slice or regions"):
+    with pytest.raises(ConfigError, match="g must be slice, regions or cfg"):
         parse_method("x:g=nope", load_config(TINY))
     with pytest.raises(ConfigError, match="encoding must be one of ddim, noise"):
         explain_settings(tiny_bundle(), encoding="sde")

@@ -103,7 +103,10 @@ def test_two_roots_with_a_split_file_and_subjects_lacking_a_channel(tmp_path: Pa
         "error: BraTS 2015 has channels ['flair', 't1c'], not ['t2']"
     ]
     kept = subprocess.run([*base, "--channels", "t2", "--skip-incomplete"], capture_output=True, text=True, check=True)
-    assert "3 subjects (train=1, val=1, test=1)" in kept.stdout and "left out 1 without every channel (pat1)" in kept.stdout
+    assert (
+        "3 subjects (train=1, val=1, test=1)" in kept.stdout
+        and "left out 1 without every channel (pat1)" in kept.stdout
+    )
     splits.write_text("subject,split\npat1,val\nBrats18_X_0_1,test\n")
     unlisted = subprocess.run([*base, "--channels", "flair"], capture_output=True, text=True, check=False)
     assert unlisted.returncode == 1 and "no split for 2 subjects found" in unlisted.stderr
