@@ -122,7 +122,7 @@ def test_a_classifier_free_config_gets_its_defaults_and_refuses_what_does_not_ap
     assert load_config(TINY, ["method=classifier_free", "cfg.label_dropout=0.2"]).cfg.label_dropout == 0.2
     with pytest.raises(ConfigError, match="guidance=slice needs a classifier; this model is classifier-free"):
         load_config(TINY, ["method=classifier_free", "explain.guidance=slice"])
-    with pytest.raises(ConfigError, match="data.ddpm_train_on=all"):
+    with pytest.raises(ConfigError, match=r"data\.ddpm_train_on=all"):
         load_config(TINY, ["method=classifier_free", "data.ddpm_train_on=healthy"])
     with pytest.raises(ConfigError, match="guidance=cfg needs a classifier-free model"):
         load_config(TINY, ["explain.guidance=cfg"])
