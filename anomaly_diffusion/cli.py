@@ -20,6 +20,7 @@ from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.residuals import RESIDUALS
 from anomaly_diffusion.runtime import set_threads
 from anomaly_diffusion.terminal import (
+    FLAG,
     BatchSize,
     Compile,
     Device,
@@ -83,7 +84,8 @@ def train(
         Path | None, typer.Option("--resume", help="Continue the interrupted run in this output folder.")
     ] = None,
     local_tracking: Annotated[
-        bool, typer.Option("--local-tracking", help="If the tracking server is unreachable, log to local SQLite.")
+        bool,
+        typer.Option("--local-tracking", help="If the tracking server is unreachable, log to local SQLite.", **FLAG),
     ] = False,
     register: Annotated[
         str | None, typer.Option("--register", help="Register the bundle in the MLflow Model Registry under NAME.")

@@ -197,14 +197,18 @@ BatchSize = Annotated[
     int | None, typer.Option("--batch-size", min=1, help="Slices per batch (default: the model's explain.batch_size).")
 ]
 Device = Annotated[str, typer.Option("--device", **choice(DEVICES))]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+FLAG = {"metavar": ""}
+"""Options of an on/off flag: no `<bool>` value column in --help (a flag takes no value)."""
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.", **FLAG)]
 Compile = Annotated[
-    bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).")
+    bool, typer.Option("--compile", help="torch.compile the networks (minutes up front; for many volumes).", **FLAG)
 ]
 Fp32 = Annotated[
     bool,
     typer.Option(
         "--fp32",
+        **FLAG,
         help="Compute in float32 throughout (default: bf16 mixed precision where the hardware has it, "
         "CUDA, or a CPU with AMX or AVX512-BF16; 1.7-3x faster there, maps differ by ~1e-3).",
     ),

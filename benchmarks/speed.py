@@ -56,8 +56,11 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _bundle(size: int) -> Any:
-    """The fixed model: brats64's networks, 1 channel, at `size`, with randomised output layers."""
+def _bundle(size: int, method: str = "classifier") -> Any:
+    """The fixed model: brats64's networks, 1 channel, at `size`, with randomised output layers.
+
+    `method="classifier_free"`: the same UNet, label-conditional (configs/brats64_cfg.yaml), no classifier.
+    """
     from pathlib import Path
 
     from anomaly_diffusion.config import config_from_dict, load_config
@@ -69,15 +72,21 @@ def _bundle(size: int) -> Any:
     base = load_config(root / "configs" / "brats64.yaml").model_dump(mode="json")
     base["data"]["image_channels"] = 1
     base["data"]["image_size"] = size
+    conditional = method == "classifier_free"
+    if conditional:
+        base["method"] = method
+        base["explain"].update(guidance="cfg", scale=CFG_W)
     cfg = config_from_dict(base)
     torch.manual_seed(0)
-    unet = build_unet(cfg.unet, 1)
-    for parameter in unet.out.parameters():  # MONAI zero-initialises it: eps = 0 would make DDIM trivial
+    unet = build_unet(cfg.unet, 1, conditional=conditional)
+    out = unet.unet.out if conditional else unet.out
+    for parameter in out.parameters():  # MONAI zero-initialises it: eps = 0 would make DDIM trivial
         torch.nn.init.normal_(parameter, std=0.05)
-    classifier = build_classifier(cfg.classifier, 1)
+    classifier = None if conditional else build_classifier(cfg.classifier, 1)
     device = _device()
     for module in (unet, classifier):
-        module.to(device).eval().requires_grad_(False)
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
     schedule = make_schedule(cfg.schedule.kind, cfg.schedule.num_timesteps)
     return ModelBundle(cfg, schedule, unet, classifier, "bench", None, {})
 
@@ -120,16 +129,31 @@ def _settings(bundle: Any, noise_level: int, scale: float, steps: int | None, ba
     return replace(settings, amp=amp)
 
 
+CFG_W = 3.0  # the classifier-free rows' guidance weight w (any w other than 0 and 1 costs the same)
+
+
 def measure_explain(
-    size: int, steps: int | None, max_slices: int | None, batch_size: int, amp: bool, threads: int | None = None
+    size: int,
+    steps: int | None,
+    max_slices: int | None,
+    batch_size: int,
+    amp: bool,
+    threads: int | None = None,
+    method: str = "classifier",
 ) -> dict[str, Any]:
-    """Explain the synthetic volume (or its first max_slices kept slices); wall time vs floor."""
+    """Explain the synthetic volume (or its first max_slices kept slices); wall time vs floor.
+
+    Classifier guidance (s = 100) or, with `method="classifier_free"`, classifier-free guidance
+    (w = CFG_W: the conditional and null passes of each step batched into one UNet forward of 2B).
+    """
     from anomaly_diffusion.explain import denoiser, explain_slices, guided_denoiser, p_healthy
     from anomaly_diffusion.runtime import precision_name, prepare_for_inference, set_threads
     from anomaly_diffusion.scans import assemble_scan, prepare_scan
 
     set_threads(threads)
-    bundle = prepare_for_inference(_bundle(size))
+    bundle = prepare_for_inference(_bundle(size, method))
+    conditional = method == "classifier_free"
+    scale = CFG_W if conditional else 100.0
     scan = _head_scan()
     noise_level = 500
     k = steps or noise_level
@@ -137,14 +161,14 @@ def measure_explain(
     started = time.perf_counter()
     prepared = prepare_scan(bundle.config.data, scan)
     x = prepared.x if max_slices is None else prepared.x[:max_slices]
-    result = explain_slices(bundle, x, _settings(bundle, noise_level, 100.0, steps, batch_size, amp))
+    result = explain_slices(bundle, x, _settings(bundle, noise_level, scale, steps, batch_size, amp))
     if max_slices is None:
         assemble_scan(scan, prepared, result)
     _sync()
     wall = time.perf_counter() - started
     # the floor: the network evaluations this run needs, at its batch sizes, precision and memory format
     unet = denoiser(bundle, amp)
-    guided = guided_denoiser(bundle, 100.0, amp, "slice")
+    guided = guided_denoiser(bundle, 100.0, amp, "slice") if not conditional else None
     sizes = [min(batch_size, len(x) - s) for s in range(0, len(x), batch_size)]
     floor = 0.0
     for b in sorted(set(sizes)):
@@ -156,17 +180,23 @@ def measure_explain(
                 unet(xb, tb)
 
         def guided_eval(xb: torch.Tensor = xb, tb: torch.Tensor = tb) -> None:
+            if guided is None:  # classifier-free: one UNet forward of the stacked conditional + null batch
+                with torch.inference_mode():
+                    unet(torch.cat([xb, xb]), torch.cat([tb, tb]))
+                return
             with torch.no_grad():
                 guided(xb, tb)
 
         def classify(xb: torch.Tensor = xb) -> None:
             p_healthy(bundle, xb)
 
-        cost = k * _median_time(unet_eval, 3) + k * _median_time(guided_eval, 3) + 2 * _median_time(classify, 3)
+        classify_s = 0.0 if conditional else 2 * _median_time(classify, 3)
+        cost = k * _median_time(unet_eval, 3) + k * _median_time(guided_eval, 3) + classify_s
         floor += cost * sizes.count(b)
     return {
         "size": size,
         "steps": k,
+        "method": "classifier-free, w=3" if conditional else "classifier, s=100",
         "precision": precision_name(device, amp),
         "slices": len(x),
         "volume_slices": scan.data.shape[-1],
@@ -390,37 +420,43 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Skip the full-step and the larger-size explain runs.")
     parser.add_argument("--demo-steps", type=int, default=20, help="Steps per timed demo phase (0 = skip the demo).")
     parser.add_argument("--work", default="adiff_bench_speed", help="Folder for the demo phases' data and runs.")
+    parser.add_argument("--explain-only", action="store_true", help="Only the explain table (both guidance methods).")
     args = parser.parse_args()
     memory = "peak CUDA MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"device: {_device()}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     print(
-        f"\n| explain (L=500, s=100) | size | K | precision | slices | wall s | slices/s | floor s | wall/floor "
+        f"\n| explain (L=500) | guidance | size | K | precision | slices | wall s | slices/s | floor s | wall/floor "
         f"| {memory} |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     volume: dict[str, Any] = {}
     for index, size in enumerate(sizes):
         if index == 0:
-            runs: list[tuple[str, int | None, int | None, bool]] = [
-                ("whole volume", args.strided_steps, None, True),
-                ("whole volume", args.strided_steps, None, False),
+            runs: list[tuple[str, int | None, int | None, bool, str]] = [
+                ("whole volume", args.strided_steps, None, True, "classifier"),
+                ("whole volume", args.strided_steps, None, False, "classifier"),
+                ("whole volume", args.strided_steps, None, True, "classifier_free"),
+                ("whole volume", args.strided_steps, None, False, "classifier_free"),
             ]
             if not args.quick:
-                runs.append((f"first {args.full_slices} slices", None, args.full_slices, True))
+                runs.append((f"first {args.full_slices} slices", None, args.full_slices, True, "classifier"))
         elif args.quick:
             continue
         else:
-            runs = [(f"first {args.large_slices} slices", args.strided_steps, args.large_slices, True)]
-        for label, steps, limit, amp in runs:
-            r = _isolated(measure_explain, size, steps, limit, args.batch_size, amp)
+            runs = [(f"first {args.large_slices} slices", args.strided_steps, args.large_slices, True, "classifier")]
+        for label, steps, limit, amp, method in runs:
+            r = _isolated(measure_explain, size, steps, limit, args.batch_size, amp, None, method)
             volume = volume or r
             print(
-                f"| {label} ({r['volume_slices']}-slice volume) | {size} | {r['steps']} | {r['precision']} | "
+                f"| {label} ({r['volume_slices']}-slice volume) | {r['method']} | {size} | {r['steps']} | "
+                f"{r['precision']} | "
                 f"{r['slices']} | {r['wall_s']:.1f} | {r['slices_per_s']:.2f} | {r['floor_s']:.1f} | "
                 f"{r['ratio']:.2f} | {r['peak_mb']:.0f} |",
                 flush=True,
             )
+    if args.explain_only:
+        return
     print(
         f"\n| naive MONAI loop (batch 1, fp32) vs adiff (batch {args.batch_size}) | size | K | slices compared | "
         f"naive s/slice | adiff s/slice | speed-up | max abs diff | {memory} (naive+adiff) |"

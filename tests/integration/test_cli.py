@@ -289,3 +289,14 @@ def test_registry_flow_train_register_then_explain_by_model_uri(tmp_path: Path, 
     assert "models:/brain-ad/9: not found in the registry" in line
     line = one_line_error(runner.invoke(app, ["register", "0" * 32, "x", "--tracking-uri", uri]))
     assert "is not in" in line
+
+
+def test_help_names_the_model_defaults_and_flags_take_no_value() -> None:
+    result = runner.invoke(app, ["explain", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for key in ("noise_level", "scale", "steps", "guidance", "residual"):
+        assert f"the model's explain.{key}" in text, key
+    assert "cfg" in text  # the classifier-free target is a --guidance choice
+    flags = [line for line in result.output.splitlines() if "--overwrite" in line or "--fp32" in line]
+    assert len(flags) == 2 and not any("<bool>" in line for line in flags)
