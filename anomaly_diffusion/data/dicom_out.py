@@ -276,7 +276,8 @@ def segmentation(source: DicomSource, mask: np.ndarray, threshold: float) -> hd.
 def rescale_for(volume: np.ndarray) -> tuple[float, float]:
     """(slope, intercept) that spread the volume's range over int16: value = stored * slope + intercept.
 
-    The encoding error is at most slope / 2 = (max - min) / 131070.
+    The encoding error is at most slope / 2 = (max - min) / 131070 (plus float32 rounding where read
+    back as float32).
     """
     low, high = float(volume.min()), float(volume.max())
     slope = float(f"{(high - low) / (int(INT16.max) - int(INT16.min)):.9g}") if high > low else 1.0
@@ -314,7 +315,9 @@ def write_derived_series(source: DicomSource, volume: np.ndarray, folder: Path) 
         reference.ReferencedSOPClassUID = src.SOPClassUID
         reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
         ds.SourceImageSequence = [reference]
-        stored = np.clip(np.rint((volume[:, :, k].T - intercept) / slope), INT16.min, INT16.max)
+        # in float64: float32 would round some values to the wrong side of a half step
+        exact = (volume[:, :, k].T.astype(np.float64) - intercept) / slope
+        stored = np.clip(np.rint(exact), INT16.min, INT16.max)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.Rows, ds.Columns = stored.shape

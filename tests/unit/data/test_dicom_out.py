@@ -95,7 +95,8 @@ def test_series_outputs_keep_the_source_geometry_and_values(tmp_path: Path) -> N
         seen.add(k)
     assert seen == set(range(SHAPE[2]))  # one frame per source slice
 
-    seg = pydicom.dcmread(plan.paths["anomaly_seg_dicom"])
+    seg_path = plan.paths["anomaly_seg_dicom"]
+    seg = pydicom.dcmread(seg_path)
     assert seg.SOPClassUID.name == "Segmentation Storage" and int(seg.NumberOfFrames) == SHAPE[2]
     _check_new_series_same_study(seg, any_source)
     assert seg.SeriesInstanceUID != pm.SeriesInstanceUID
@@ -104,10 +105,30 @@ def test_series_outputs_keep_the_source_geometry_and_values(tmp_path: Path) -> N
         _check_frame_geometry(frame, seg.SharedFunctionalGroupsSequence[0], sources[uid])
         np.testing.assert_array_equal(seg.pixel_array[f] > 0, anomaly[:, :, _slice_of(scan, uid)].T > THRESHOLD)
 
+    # highdicom itself sees each as one regular volume on the scan's grid (what a viewer builds to overlay)
+    import highdicom as hd
+
+    for volume in (
+        hd.pm.ParametricMap.from_dataset(pydicom.dcmread(plan.paths["anomaly_map_dicom"])).get_volume(),
+        hd.seg.segread(seg_path).get_volume(),
+    ):
+        assert volume.spatial_shape == (SHAPE[2], SHAPE[1], SHAPE[0])
+        lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+        spacing = np.linalg.svd(scan.affine[:3, :3], compute_uv=False)  # voxel sizes, whatever the axis order
+        np.testing.assert_allclose(np.linalg.svd(volume.affine[:3, :3], compute_uv=False), spacing)
+        ends = [(0, n - 1) for n in SHAPE]
+        corners = np.array([(scan.affine @ [i, j, k, 1])[:3] for i in ends[0] for j in ends[1] for k in ends[2]])
+        theirs = np.array(
+            [(lps_to_ras @ volume.affine @ [s, r, c, 1])[:3] for s in ends[2] for r in ends[1] for c in ends[0]]
+        )
+        distances = np.linalg.norm(corners[:, None] - theirs[None], axis=-1)
+        assert (distances.min(axis=1) < 1e-4).all() and (distances.min(axis=0) < 1e-4).all()  # same 8 corners
+
     folder = plan.paths["healthy_dicom"]
     instances = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
     assert len(instances) == SHAPE[2] and len({ds.SeriesInstanceUID for ds in instances}) == 1
     slope, _ = rescale_for(healthy[0])
+    precision = slope / 2 + 2e-7 * np.abs(healthy).max()  # half an int16 step, plus float32 rounding
     for ds in instances:
         src = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
         _check_new_series_same_study(ds, src)
@@ -116,11 +137,11 @@ def test_series_outputs_keep_the_source_geometry_and_values(tmp_path: Path) -> N
             assert _floats(ds[keyword].value) == _floats(src[keyword].value)
         values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         k = _slice_of(scan, str(src.SOPInstanceUID))
-        np.testing.assert_allclose(values, healthy[0][:, :, k].T, atol=slope / 2 * 1.001)
+        np.testing.assert_allclose(values, healthy[0][:, :, k].T, rtol=0, atol=precision)
     # our own reader sees the counterfactual on exactly the input's grid
     again = read_dicom_series(folder)
     np.testing.assert_allclose(again.affine, scan.affine, atol=1e-9)
-    np.testing.assert_allclose(again.data, healthy[0], atol=slope / 2 * 1.001)
+    np.testing.assert_allclose(again.data, healthy[0], rtol=0, atol=precision)
 
 
 def test_an_enhanced_multiframe_source_gets_maps_in_its_frame_order(tmp_path: Path) -> None:
