@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +47,33 @@ def atomic_write(path: Path, write: Callable[[Path], object], suffix: str = ".tm
 def atomic_write_bytes(data: bytes, path: Path) -> Path:
     """Write bytes atomically (see `atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_folder(path: Path, write: Callable[[Path], object]) -> Path:
+    """Let `write` fill a temporary folder beside `path`, then rename it there: never a half-written folder.
+
+    An existing `path` (an overwrite) is moved aside first and deleted once the new folder is
+    in place; between the two renames the path is briefly absent, never partial.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        mode = 0o777 & ~_umask()
+        tmp.chmod(mode)
+        for child in tmp.iterdir():
+            child.chmod(mode & 0o666)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / path.name).exists() and not path.exists():
+            os.replace(old / path.name, path)  # put the previous output back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -18,6 +18,7 @@ from torch import nn
 
 from anomaly_diffusion.config import Config
 from anomaly_diffusion.data.datasets import SliceDataset
+from anomaly_diffusion.data.io import trained_on
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode, ddim_grid, ddim_sample
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
 from anomaly_diffusion.distributed import SINGLE, DistContext
@@ -79,6 +80,7 @@ def train(
     )
     ddpm = ddpm_phase(cfg, device)
     clf = classifier_phase(cfg, device) if cfg.method == "classifier" else None
+    inputs = trained_on(v.kind for v in data.volumes)  # explain refuses other kinds (a 2D image for a 3D model)
     if resume is not None:
         ddpm.load_state_dict(resume["ddpm"])
         if clf is not None:
@@ -102,7 +104,7 @@ def train(
                 unet=ddpm.ema.module,
                 classifier=clf.model if clf is not None else None,
                 train_run_id=train_run_id,
-                extra={"phase": phase_name, "step": step, "complete": False},
+                extra={"phase": phase_name, "step": step, "complete": False, "trained_on": inputs},
             )
             atomic_torch_save({**payload, "train_state": state}, out_dir / CHECKPOINT_NAME)
             if observer is not None and phase_name == "ddpm":
@@ -138,7 +140,11 @@ def train(
         unet=unet,
         classifier=classifier,
         train_run_id=train_run_id,
-        extra={"complete": True, "train_summary": {k: int(v) for k, v in data.summary().items()}},
+        extra={
+            "complete": True,
+            "train_summary": {k: int(v) for k, v in data.summary().items()},
+            "trained_on": inputs,
+        },
     )
     (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     context.barrier()

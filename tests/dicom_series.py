@@ -1,4 +1,4 @@
-"""Writing DICOM series with pydicom for tests: oblique geometry, rescale, shuffled files."""
+"""Writing DICOM series with pydicom for tests: oblique geometry, rescale, shuffled files, patient identifiers."""
 
 from __future__ import annotations
 
@@ -7,13 +7,26 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 SHAPE = (5, 4, 6)  # (X = columns, Y = rows, Z = slices): all different, so a transpose shows
 PIXEL_SPACING = ("0.9", "1.3")  # (row spacing along j, column spacing along i)
 SLICE_GAP = 2.5
 SLOPE, INTERCEPT = 2.0, -10.0
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-778899"
+BIRTH_DATE, ACCESSION = "19700101", "ACC20261201X"
+IDENTIFIERS = {
+    "PatientName": PATIENT_NAME,
+    "PatientID": PATIENT_ID,
+    "PatientBirthDate": BIRTH_DATE,
+    "AccessionNumber": ACCESSION,
+    "OtherPatientIDs": "MRN-4455661",
+    "ReferringPhysicianName": "Welby^Marcus",
+}
+"""Identifying header values every test file carries: none of them may reach a log or MLflow."""
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+FRAME_OF_REFERENCE_UID = "1.2.826.0.1.3680043.8.498.7"
 
 
 def _ds(values: Iterable[float], fmt: str) -> list[str]:
@@ -40,12 +53,16 @@ def _file(sop_class: UID, series_uid: str, rows: int, cols: int) -> FileDataset:
     ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.StudyInstanceUID = STUDY_UID
     ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = FRAME_OF_REFERENCE_UID
     ds.Modality = "MR"
-    ds.PatientName = PATIENT_NAME
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = "19700101"
+    for keyword, value in IDENTIFIERS.items():
+        setattr(ds, keyword, value)
+    ds.PatientSex = "F"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20261201", "101500", "4711"
+    ds.SeriesNumber = 7
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -100,4 +117,37 @@ def _write_series(
     for k in rng.permutation(stored.shape[2]):
         if k not in skip:
             _write_slice(folder / f"IM{names[k]:04d}", stored[:, :, k], positions[k], uid, int(instances[k]))
+    return positions
+
+
+def _write_enhanced(
+    path: Path, stored: np.ndarray, file_order: Sequence[int], gap: float = SLICE_GAP
+) -> list[list[str]]:
+    """One Enhanced MR Image Storage file of `stored` (X, Y, Z) holding slice file_order[f] as frame f;
+    geometry and rescale in functional groups. Returns every slice's ImagePositionPatient."""
+    positions = _positions(stored.shape[2], gap)
+    along_i, along_j = _oblique_orientation()
+    ds = _file(EnhancedMRImageStorage, generate_uid(), rows=stored.shape[1], cols=stored.shape[0])
+    ds.NumberOfFrames = stored.shape[2]
+    shared = Dataset()
+    shared.PlaneOrientationSequence = DicomSequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = _ds([*along_i, *along_j], ".8f")
+    shared.PixelMeasuresSequence = DicomSequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = list(PIXEL_SPACING)
+    shared.PixelMeasuresSequence[0].SliceThickness = str(SLICE_GAP)
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame = []
+    for k in file_order:
+        frame = Dataset()
+        frame.PlanePositionSequence = DicomSequence([Dataset()])
+        frame.PlanePositionSequence[0].ImagePositionPatient = positions[k]
+        frame.PixelValueTransformationSequence = DicomSequence([Dataset()])
+        frame.PixelValueTransformationSequence[0].RescaleSlope = str(SLOPE)
+        frame.PixelValueTransformationSequence[0].RescaleIntercept = str(INTERCEPT)
+        frame.PixelValueTransformationSequence[0].RescaleType = "US"
+        per_frame.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    frames = np.stack([stored[:, :, k].T for k in file_order]).astype("<i2")
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    ds.save_as(path, enforce_file_format=True)
     return positions

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from anomaly_diffusion.config import DataConfig
-from anomaly_diffusion.data.io import load_scan, read_mask
+from anomaly_diffusion.data.io import InputKind, load_scan, read_mask
 from anomaly_diffusion.data.manifest import ManifestRow
 from anomaly_diffusion.data.transforms import fit_preprocess, mask_to_slices, slice_lesion_pixels, to_slices
 from anomaly_diffusion.errors import InputError
@@ -29,6 +29,7 @@ class VolumeInfo:
     slices: int
     slices_pathological: int
     lesion_voxels: int
+    kind: InputKind
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def load_slices(
                 slices=len(slices),
                 slices_pathological=int((row_labels == PATHOLOGICAL).sum()),
                 lesion_voxels=lesion_voxels,
+                kind=scan.kind,
             )
         )
         if progress is not None:

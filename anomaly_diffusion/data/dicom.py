@@ -18,9 +18,10 @@ patient identifier: no header value other than UIDs, sizes and geometry is ever 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,70 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 NO_UID = "<no SeriesInstanceUID>"
 
 
+IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientBirthDate",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "MedicalRecordLocator",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+)
+"""Header attributes whose values identify a patient (or the people and the visit around them)."""
+MIN_IDENTIFIER_LENGTH = 3
+"""Shorter name parts ('Li', 'Jo') are not redacted: they would blank out unrelated text."""
+REDACTED = "[redacted]"
+
+
+@dataclass(frozen=True, eq=False)
+class DicomSource:
+    """The instances a DICOM volume was read from, pixel data removed, for outputs that reference them.
+
+    Attributes:
+        datasets: the source instances without pixel data, in file-name order.
+        slices: for each slice k of the volume (ascending along the normal): (index into
+            `datasets`, frame index within that instance).
+        geometry: every frame had ImagePositionPatient, ImageOrientationPatient and PixelSpacing
+            (False: the volume is on the fallback grid, so nothing can be overlaid on the source).
+    """
+
+    datasets: tuple[Dataset, ...] = field(repr=False)
+    slices: tuple[tuple[int, int], ...]
+    geometry: bool
+
+    def identifiers(self) -> tuple[str, ...]:
+        """Every identifying header value (see `IDENTIFYING_KEYWORDS`), whole and by name part, longest first.
+
+        A person name 'Doe^Jane' gives 'Doe^Jane', 'Doe' and 'Jane'; a date '19700101' also
+        gives '1970-01-01' and '1970.01.01', the ways a folder name may spell it.
+        """
+        found: set[str] = set()
+        for ds in self.datasets:
+            for keyword in IDENTIFYING_KEYWORDS:
+                value = ds.get(keyword)
+                values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+                for item in values:
+                    text = str(item or "").strip()
+                    found.update([text, *re.split(r"[\\^=\s,]+", text)])
+                    if keyword == "PatientBirthDate" and re.fullmatch(r"\d{8}", text):
+                        found.update(f"{text[:4]}{sep}{text[4:6]}{sep}{text[6:]}" for sep in "-._")
+        return tuple(sorted((t for t in found if len(t) >= MIN_IDENTIFIER_LENGTH), key=lambda t: (-len(t), t)))
+
+
+def redact(text: str, identifiers: Sequence[str]) -> str:
+    """`text` with every occurrence of each identifier (any case) replaced by '[redacted]'."""
+    for identifier in identifiers:  # longest first, so 'Doe^Jane' goes before 'Doe'
+        text = re.sub(re.escape(identifier), REDACTED, text, flags=re.IGNORECASE)
+    return text
+
+
 @dataclass(frozen=True)
 class DicomVolume:
     """A DICOM series as a NIfTI-ordered volume.
@@ -52,11 +117,13 @@ class DicomVolume:
             index j, Z the slice index k (ascending along the slice normal).
         affine: (4, 4) float64, voxel (i, j, k) -> RAS+ world mm, as nibabel uses for NIfTI.
         series_uid: the SeriesInstanceUID (empty if the files have none).
+        source: the instances without pixel data and which instance and frame each slice is.
     """
 
     data: np.ndarray
     affine: np.ndarray
     series_uid: str
+    source: DicomSource
 
 
 @dataclass(frozen=True)
@@ -68,6 +135,7 @@ class _Frame:
     orientation: np.ndarray | None  # (6,) direction cosines along i then along j
     pixel_spacing: np.ndarray | None  # (2,) mm: (row spacing along j, column spacing along i)
     slice_step: float | None  # mm: SpacingBetweenSlices, else SliceThickness
+    origin: tuple[int, int] = (0, 0)  # (index of its file among the series' files, frame index in that file)
 
 
 def read_dicom_series(folder: Path) -> DicomVolume:
@@ -118,8 +186,9 @@ def _volume(source: Path, datasets: list[tuple[Path, Dataset]]) -> DicomVolume:
     (series_uid, files), *_ = series.items()
     _check_pixel_data(folder, files)
     _check_frame_sizes(folder, files)
-    frames = [frame for path, ds in files for frame in _frames(folder, path, ds)]
-    if all(_has_geometry(frame) for frame in frames):
+    frames = [frame for n, (path, ds) in enumerate(files) for frame in _frames(folder, path, ds, n)]
+    geometry = all(_has_geometry(frame) for frame in frames)
+    if geometry:
         frames, affine = _sorted_with_affine(folder, frames)
     elif len(files) == 1:
         warnings.warn(
@@ -136,7 +205,12 @@ def _volume(source: Path, datasets: list[tuple[Path, Dataset]]) -> DicomVolume:
         )
     data = np.stack([frame.pixels.T for frame in frames], axis=-1).astype(np.float32, copy=False)
     series_uid = "" if series_uid == NO_UID else series_uid
-    return DicomVolume(data=data, affine=affine, series_uid=series_uid)
+    for _, ds in files:  # the pixels now live in `data`; the headers travel on for DICOM outputs
+        for keyword in PIXEL_KEYWORDS:
+            if keyword in ds:
+                delattr(ds, keyword)
+    headers = DicomSource(tuple(ds for _, ds in files), tuple(frame.origin for frame in frames), geometry)
+    return DicomVolume(data=data, affine=affine, series_uid=series_uid, source=headers)
 
 
 def _read_datasets(folder: Path) -> list[tuple[Path, Dataset]]:
@@ -260,8 +334,8 @@ def _decode(folder: Path, path: Path, ds: Dataset, n_frames: int) -> np.ndarray:
     return pixels
 
 
-def _frames(folder: Path, path: Path, ds: Dataset) -> list[_Frame]:
-    """The frames of one file, rescaled, with the geometry of each."""
+def _frames(folder: Path, path: Path, ds: Dataset, file_index: int = 0) -> list[_Frame]:
+    """The frames of one file (the `file_index`-th of its series), rescaled, with the geometry of each."""
     n_frames = _number_of_frames(ds)
     pixels = _decode(folder, path, ds, n_frames)
     # A multi-frame file's top-level ImagePositionPatient (if any) is not per frame.
@@ -282,6 +356,7 @@ def _frames(folder: Path, path: Path, ds: Dataset) -> list[_Frame]:
                 ),
                 pixel_spacing=_floats(_attribute(ds, index, "PixelMeasuresSequence", "PixelSpacing", True), 2),
                 slice_step=abs(step) if step else (abs(thickness) if thickness else None),
+                origin=(file_index, index),
             )
         )
     return frames

@@ -44,7 +44,8 @@ def timestamped(prefix: str) -> str:
 
 def output_stem(path: Path) -> str:
     """'scan.nii.gz' -> 'scan', 'scan.hdr' -> 'scan', 'xray.png' -> 'xray'; a DICOM folder -> its name."""
-    return re.sub(r"\.(nii|nii\.gz|hdr|img|png|jpe?g|tiff?|bmp|npy|dcm)$", "", path.name, flags=re.IGNORECASE)
+    suffixes = r"nii|nii\.gz|hdr|img|nrrd|nhdr|mha|mhd|png|jpe?g|tiff?|bmp|npy|dcm"
+    return re.sub(rf"\.({suffixes})$", "", path.name, flags=re.IGNORECASE)
 
 
 def find_latest_bundle(root: Path = BUNDLE_ROOT) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,9 @@ import numpy as np
 import torch
 from skimage.filters import threshold_otsu
 
-from anomaly_diffusion.data.io import check_writable, load_scan, read_mask, save_like
+from anomaly_diffusion.data.dicom import redact
+from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
+from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.transforms import explained_region, mask_to_slices, normalise
 from anomaly_diffusion.explain import ExplainSettings, explain_scan, explain_settings
 from anomaly_diffusion.files import atomic_write_bytes
@@ -70,14 +73,11 @@ class ExplainOutcome:
     explanation: ScanExplanation = field(repr=False)
 
 
-def _output_paths(scans: Sequence[Path], out_dir: Path) -> dict[str, Path]:
-    stem = output_stem(scans[0])
+def _output_paths(stems: Sequence[str], out_dir: Path) -> dict[str, Path]:
+    stem = stems[0]
     return {
         "anomaly_map": out_dir / f"{stem}_anomaly_map.nii.gz",
-        **{
-            f"healthy_{c}" if c else "healthy": out_dir / f"{output_stem(p)}_healthy.nii.gz"
-            for c, p in enumerate(scans)
-        },
+        **{f"healthy_{c}" if c else "healthy": out_dir / f"{s}_healthy.nii.gz" for c, s in enumerate(stems)},
         "montage": out_dir / f"{stem}_montage.png",
         "summary": out_dir / f"{stem}_explain.json",
     }
@@ -108,13 +108,19 @@ def run_explain(
         batch_size=r.batch_size,
     )
     scan = load_scan(list(r.scans), expected_channels=cfg.data.image_channels)
+    check_input_kind(scan, bundle.extra.get("trained_on"))
     truth = read_mask(r.mask, scan) if r.mask is not None else None
     brain = read_mask(r.brainmask, scan) if r.brainmask is not None else None
-    outputs = _output_paths(r.scans, r.out_dir)
+    private = scan.identifiers()  # DICOM patient identifiers: into the DICOM outputs only, never MLflow
+    stems = [_public_stem(p, c, scan, private) for c, p in enumerate(r.scans)]
+    dicom = plan_dicom_outputs(scan, r.out_dir, stems)
+    outputs = {**_output_paths(stems, r.out_dir), **dicom.paths}
     for path in outputs.values():
         check_writable(path, r.overwrite)
     if announce is not None:
         announce(f"compute: {compute_summary(model_device(bundle), settings.amp)}")
+        if dicom.note:
+            announce(dicom.note)
     explanation = explain_scan(bundle, scan, settings, brainmask=brain, progress=progress)
     slices = explanation.slices
     region = explained_region(explanation.state) & explanation.foreground
@@ -156,23 +162,37 @@ def run_explain(
     truth_slices = mask_to_slices(truth, explanation.state) if truth is not None else None
     kept = explanation.state.kept.tolist()
     explain_montage(slices.x, slices.x_healthy, slices.anomaly_map, kept, rows, outputs["montage"], truth_slices)
+    write_dicom_outputs(scan, explanation.anomaly_map, explanation.healthy, threshold, dicom)
     params = _params(r, settings, bundle, bundle_name, model_ref, precision_name(model_device(bundle), settings.amp))
-    summary = {"params": params, "metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}}
+    params = {k: redact(v, private) if isinstance(v, str) else v for k, v in params.items()}
+    listed = {k: redact(str(v), private) for k, v in outputs.items()}
+    summary = {"params": params, "metrics": metrics, "outputs": listed}
     atomic_write_bytes(json.dumps(summary, indent=2).encode(), outputs["summary"])
     tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
     if model_ref:
         tags["adiff.model"] = model_ref
-    stem = output_stem(r.scans[0])
     with tracked_run(
-        r.tracking_uri, cfg.tracking.experiment, f"explain-{stem}", "explain", tags, started_at=started_at
+        r.tracking_uri, cfg.tracking.experiment, f"explain-{stems[0]}", "explain", tags, started_at=started_at
     ) as run:
         run.log_params(params)
         run.log_metrics(metrics)
-        for path in outputs.values():
-            run.log_artifact(path, "explain")
+        for key, path in outputs.items():
+            if key not in dicom.paths:  # DICOM outputs carry the patient's identifiers: never logged
+                run.log_artifact(path, "explain")
         run.log_text(_run_description(params, metrics), "README.md")
         run.set_tags({"mlflow.note.content": _run_description(params, metrics)})
     return ExplainOutcome(run.run_id, outputs, metrics, pixel, baseline, time.perf_counter() - started, explanation)
+
+
+def _public_stem(path: Path, channel: int, scan: Scan, private: Sequence[str]) -> str:
+    """The output stem of input `channel`, or for a name holding a DICOM patient identifier (a
+    folder named after the patient) one made from its SeriesInstanceUID: file names reach MLflow."""
+    stem = output_stem(path)
+    if redact(stem, private) == stem:
+        return stem
+    source = scan.dicom[channel] if channel < len(scan.dicom) else None
+    uid = str(source.datasets[0].get("SeriesInstanceUID", "")) if source is not None else str(path)
+    return f"series-{hashlib.sha256(uid.encode()).hexdigest()[:10]}"
 
 
 def _params(

@@ -209,7 +209,8 @@ def test_inspect_summarises_and_refuses_inconsistent_data(tiny_dataset: Path) ->
     assert "mask shape (24, 20, 9) differs from image shape (24, 20, 10)" in line
 
 
-def test_explain_a_2d_png(tmp_path: Path, tracking_uri: str, bundle: Path) -> None:
+def test_explain_a_2d_png(tmp_path: Path, tracking_uri: str, bundle_2d: Path) -> None:
+    bundle = bundle_2d  # a model of 2D images: one of 3D volumes refuses a PNG (test_dicom_explain.py)
     from skimage import io as skio
 
     image = np.zeros((30, 26), np.uint8)

@@ -18,20 +18,18 @@ from dicom_series import (
     SHAPE,
     SLICE_GAP,
     SLOPE,
-    _ds,
     _file,
     _oblique_orientation,
     _positions,
     _stored_volume,
+    _write_enhanced,
     _write_series,
     _write_slice,
 )
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import EnhancedMRImageStorage, MRImageStorage, generate_uid
+from pydicom.uid import MRImageStorage, generate_uid
 
-from anomaly_diffusion.data.dicom import DicomVolume, read_dicom_series
+from anomaly_diffusion.data.dicom import DicomSource, DicomVolume, read_dicom_series
 from anomaly_diffusion.errors import InputError
 
 
@@ -81,32 +79,8 @@ def test_single_slice_agrees_with_nibabel_dicom_wrapper(tmp_path: Path) -> None:
 
 def test_enhanced_multiframe_uses_functional_groups(tmp_path: Path) -> None:
     stored = _stored_volume()
-    positions = _positions(SHAPE[2], SLICE_GAP)
-    along_i, along_j = _oblique_orientation()
     file_order = np.random.default_rng(2).permutation(SHAPE[2])  # frames stored out of spatial order
-    ds = _file(EnhancedMRImageStorage, generate_uid(), rows=SHAPE[1], cols=SHAPE[0])
-    ds.NumberOfFrames = SHAPE[2]
-    shared = Dataset()
-    shared.PlaneOrientationSequence = DicomSequence([Dataset()])
-    shared.PlaneOrientationSequence[0].ImageOrientationPatient = _ds([*along_i, *along_j], ".8f")
-    shared.PixelMeasuresSequence = DicomSequence([Dataset()])
-    shared.PixelMeasuresSequence[0].PixelSpacing = list(PIXEL_SPACING)
-    shared.PixelMeasuresSequence[0].SliceThickness = str(SLICE_GAP)
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-    per_frame = []
-    for k in file_order:
-        frame = Dataset()
-        frame.PlanePositionSequence = DicomSequence([Dataset()])
-        frame.PlanePositionSequence[0].ImagePositionPatient = positions[k]
-        frame.PixelValueTransformationSequence = DicomSequence([Dataset()])
-        frame.PixelValueTransformationSequence[0].RescaleSlope = str(SLOPE)
-        frame.PixelValueTransformationSequence[0].RescaleIntercept = str(INTERCEPT)
-        frame.PixelValueTransformationSequence[0].RescaleType = "US"
-        per_frame.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
-    frames = np.stack([stored[:, :, k].T for k in file_order]).astype("<i2")
-    ds.PixelData = np.ascontiguousarray(frames).tobytes()
-    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    positions = _write_enhanced(tmp_path / "enhanced.dcm", stored, file_order)
 
     volume = read_dicom_series(tmp_path)
 
@@ -204,7 +178,10 @@ def test_pydicom_mr_small_reads_as_one_slice(tmp_path: Path) -> None:
     np.testing.assert_allclose(volume.affine[:3, 3], ipp * [-1, -1, 1])
     np.testing.assert_allclose(np.diag(volume.affine), [-0.3125, -0.3125, 0.8, 1.0])
     assert volume.series_uid == ds.SeriesInstanceUID
-    assert set(vars(volume)) == {"data", "affine", "series_uid"}  # nothing that could carry identifiers
+    # the headers travel (for DICOM outputs) but never show in a repr that might reach a log
+    assert set(vars(volume)) == {"data", "affine", "series_uid", "source"}
+    assert str(ds.PatientName) not in repr(volume) and str(ds.PatientID) not in repr(volume)
+    assert all("PixelData" not in header for header in volume.source.datasets)  # pixels live in data only
 
 
 def test_pydicom_ct_small_applies_rescale(tmp_path: Path) -> None:
@@ -261,6 +238,6 @@ def test_not_a_folder_is_refused(tmp_path: Path) -> None:
 
 
 def test_dicom_volume_is_frozen() -> None:
-    volume = DicomVolume(np.zeros((1, 1, 1), np.float32), np.eye(4), "1.2.3")
+    volume = DicomVolume(np.zeros((1, 1, 1), np.float32), np.eye(4), "1.2.3", DicomSource((), (), False))
     with pytest.raises(AttributeError):
         volume.series_uid = "4.5.6"  # type: ignore[misc]
