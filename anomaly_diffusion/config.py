@@ -14,9 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from anomaly_diffusion.diffusion.decoding import DECODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceMethod, guidance_conflict
 from anomaly_diffusion.diffusion.sampling import ddim_grid
 from anomaly_diffusion.errors import ConfigError
+from anomaly_diffusion.registry import Registry
 from anomaly_diffusion.residuals import RESIDUALS
 
 
@@ -120,6 +122,15 @@ class TrainConfig(_Strict):
     output_dir: Path = Path("adiff_runs")
 
 
+class HarmoniseConfig(_Strict):
+    """THOR's harmonised decoding (`explain.decoding: thor`; see `diffusion.harmonise.Harmonisation`)."""
+
+    levels: int = Field(4, ge=0)  # decode levels harmonised, spread over tau_1..tau_{K-1}
+    threshold: float = Field(0.5, ge=0)  # sum_c |x0_hat - x| above it is anomalous (normalised units)
+    dilation: int = Field(1, ge=0)  # the map is max-pooled over (2d + 1)^2 pixels first
+    soft: bool = False  # blend with clip(map / threshold, 0, 1) instead of the hard threshold
+
+
 class ExplainConfig(_Strict):
     """Defaults of `adiff explain` (each has a command-line option)."""
 
@@ -138,16 +149,22 @@ class ExplainConfig(_Strict):
     guidance: str = "slice"
     # classifier-free models only: the label of the DDIM inversion, 'null' (unconditional) or 'pathological'
     encode_label: Literal["null", "pathological"] = "null"
+    # how x_L is decoded, a `diffusion.decoding.DECODINGS` name: 'ddim' (Wolleb 2022) or 'thor' (Bercea 2024)
+    decoding: str = "ddim"
+    harmonise: HarmoniseConfig = HarmoniseConfig()
+    # cell size in pixels of the coarse/simplex encodings' noise; None: S/16 (coarse), S/4 (simplex)
+    noise_cell: int | None = Field(None, ge=1)
 
     @field_validator("encode_label", mode="before")
     @classmethod
     def _null_label(cls, value: Any) -> Any:
         return "null" if value is None else value  # YAML reads an unquoted `null` as None
 
-    @field_validator("residual", "guidance")
+    @field_validator("residual", "guidance", "decoding")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
-        registry = RESIDUALS if info.field_name == "residual" else GUIDANCE
+        registries: dict[str, Registry[Any]] = {"residual": RESIDUALS, "guidance": GUIDANCE, "decoding": DECODINGS}
+        registry = registries[str(info.field_name)]
         if value not in registry:
             raise ValueError(f"must be one of {', '.join(registry.names())}")
         return value

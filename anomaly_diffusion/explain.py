@@ -6,6 +6,10 @@
     anomaly map = sum_c |x_c - x_healthy_c|                                     (Wolleb 2022)
                   or sum_c max(x_c - x_healthy_c, 0)                (`residual: positive`, bright lesions)
 
+The encoding (`ENCODINGS`: DDIM inversion, or forward noising with white, coarse or simplex noise)
+and the decoding (`DECODINGS`: DDIM, or THOR's harmonised DDIM) are named choices. An ensemble
+(`explain_ensemble`) averages the maps of several levels or draws; their spread is its uncertainty.
+
 Every option lives in one immutable `ExplainSettings`, made and checked once by
 `explain_settings`. Slices are processed in batches on the model's device; the map is computed at
 model resolution in normalised units and mapped back onto the input's voxel grid (`scans.py`).
@@ -13,16 +17,19 @@ model resolution in normalised units and mapped back onto the input's voxel grid
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from anomaly_diffusion.data.io import Scan
+from anomaly_diffusion.diffusion.decoding import DECODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, check_guidance
-from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_decode, ddim_encode, ddim_grid
+from anomaly_diffusion.diffusion.harmonise import Harmonisation
+from anomaly_diffusion.diffusion.noise import coarse_noise, simplex_noise
+from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_encode, ddim_grid
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
@@ -54,6 +61,9 @@ class ExplainSettings:
         seed: the draw of a stochastic encoding.
         batch_size: slices per batch.
         amp: mixed precision where the hardware has it (`runtime.autocast`).
+        decoding: a `DECODINGS` entry, how x_L becomes x_healthy.
+        harmonisation: THOR's levels, threshold and dilation (used by decoding 'thor').
+        noise_cell: cell size in pixels of the 'coarse' and 'simplex' encodings' noise.
     """
 
     grid: DdimGrid
@@ -65,6 +75,9 @@ class ExplainSettings:
     batch_size: int = CPU_BATCH_SIZE
     amp: bool = True
     encode_label: str = "null"
+    decoding: str = "ddim"
+    harmonisation: Harmonisation = field(default_factory=Harmonisation)
+    noise_cell: int = 4
 
     @property
     def noise_level(self) -> int:
@@ -72,14 +85,17 @@ class ExplainSettings:
         return self.grid.noise_level
 
     @property
-    def encode_key(self) -> tuple[DdimGrid, str, int, str]:
+    def encode_key(self) -> tuple[object, ...]:
         """Settings with equal keys share one encoding."""
-        return (self.grid, self.encoding, self.seed, self.encode_label)
+        cell = self.noise_cell if self.encoding in NOISE_CELL_ENCODINGS else 0
+        label = self.encode_label if not is_stochastic(self.encoding) else "null"  # forward noising has no label
+        return (self.grid, self.encoding, self.seed if is_stochastic(self.encoding) else 0, cell, label)
 
     @property
-    def decode_key(self) -> tuple[tuple[DdimGrid, str, int, str], float, str]:
+    def decode_key(self) -> tuple[object, ...]:
         """Settings with equal keys share one decoding (the residual only changes the map)."""
-        return (self.encode_key, self.scale, self.guidance if self.scale > 0 else "none")
+        harmonised = self.harmonisation if self.decoding == "thor" else None
+        return (self.encode_key, self.scale, self.guidance if self.scale > 0 else "none", self.decoding, harmonised)
 
 
 def explain_settings(
@@ -94,14 +110,26 @@ def explain_settings(
     seed: int = 0,
     batch_size: int | None = None,
     steps_given: bool = False,
+    decoding: str | None = None,
+    harmonisation: Harmonisation | None = None,
+    noise_cell: int | None = None,
 ) -> ExplainSettings:
     """The bundle's `explain` defaults with the given values replacing them, checked once.
 
     Checks, with one-line errors: 1 <= L < T and 1 <= K <= L (`ddim_grid`), 0 <= s <= MAX_SCALE,
-    a registered guidance target this classifier can give, a registered residual and encoding.
+    a registered guidance target this classifier can give, a registered residual, encoding and
+    decoding, a noise cell of at least one pixel.
     `steps` None takes the bundle's `explain.steps` unless `steps_given` (then None means K = L).
     """
     e = bundle.config.explain
+    encoding = ENCODINGS.check(encoding, "encoding")
+    cell = noise_cell if noise_cell is not None else e.noise_cell
+    if cell is None:  # Kascenas 2023: 16x16 coarse noise for 128x128 slices; AnoDDPM: 64 px octaves at 256 px
+        cell = max(bundle.config.data.image_size // (4 if encoding == "simplex" else 16), 1)
+    if cell < 1:
+        raise ConfigError(f"noise cell must be >= 1 pixel, got {cell}")
+    h = e.harmonise
+    harmonisation = harmonisation or Harmonisation(h.levels, h.threshold, h.dilation, h.soft)
     level = e.noise_level if noise_level is None else noise_level
     grid = ddim_grid(level, steps if steps is not None or steps_given else e.steps, bundle.schedule.num_timesteps)
     s = e.scale if scale is None else scale
@@ -113,11 +141,14 @@ def explain_settings(
         scale=float(s),
         guidance=target,
         residual=RESIDUALS.check(residual or e.residual),
-        encoding=ENCODINGS.check(encoding, "encoding"),
+        encoding=encoding,
         seed=seed,
         batch_size=resolve_batch_size(bundle, batch_size),
         amp=bundle.config.train.amp,
         encode_label=e.encode_label,
+        decoding=DECODINGS.check(decoding or e.decoding, "decoding"),
+        harmonisation=harmonisation,
+        noise_cell=cell,
     )
 
 
@@ -257,20 +288,58 @@ def _ddim_inversion(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSetti
     return torch.cat(encoded) if encoded else x.clone()
 
 
-def _forward_noising(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
-    """x_L ~ q(x_L | x_0) = sqrt(alpha_bar_L) x_0 + sqrt(1 - alpha_bar_L) eps (Ho 2020, eq. 4), seeded.
+NoiseFn = Callable[[tuple[int, ...], torch.Generator, ExplainSettings], torch.Tensor]
+"""(shape (N, C, S, S), seeded generator, settings) -> eps of that shape, unit variance per pixel."""
 
-    No network evaluations: the decoding then samples a healthy image near x_0 rather than
-    inverting it exactly.
+
+def forward_noising(noise_fn: NoiseFn) -> Encoder:
+    """The encoding x_L = q(x_L | x_0; eps) = sqrt(alpha_bar_L) x_0 + sqrt(1 - alpha_bar_L) eps (Ho 2020, eq. 4).
+
+    eps = noise_fn(shape, generator seeded with `settings.seed`, settings). No network evaluations:
+    the decoding then samples a healthy image near x_0 rather than inverting it exactly.
     """
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(settings.seed))
-    t = torch.full((x.shape[0],), settings.noise_level, dtype=torch.long)
-    return to_device(q_sample(bundle.schedule, x, t, noise), model_device(bundle))
+
+    def encode(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
+        noise = noise_fn(tuple(x.shape), torch.Generator().manual_seed(settings.seed), settings)
+        t = torch.full((x.shape[0],), settings.noise_level, dtype=torch.long)
+        return to_device(q_sample(bundle.schedule, x, t, noise), model_device(bundle))
+
+    return encode
 
 
 ENCODINGS: Registry[Encoder] = Registry("encoding")
+_STOCHASTIC: set[str] = set()
+NOISE_CELL_ENCODINGS = ("coarse", "simplex")
+"""The encodings that use `ExplainSettings.noise_cell`."""
+
+
+def register_noise_encoding(name: str, noise_fn: NoiseFn, description: str) -> None:
+    """Register a stochastic encoding (forward noising with `noise_fn`): a new draw per seed."""
+    ENCODINGS.register(name, forward_noising(noise_fn), description)
+    _STOCHASTIC.add(name)
+
+
+def is_stochastic(encoding: str) -> bool:
+    """Whether an encoding draws noise (its seed matters: an ensemble can average several draws)."""
+    return encoding in _STOCHASTIC
+
+
 ENCODINGS.register("ddim", _ddim_inversion, "deterministic DDIM inversion (the paper)")
-ENCODINGS.register("noise", _forward_noising, "forward noising x_L ~ q(x_L | x_0), one draw per seed")
+register_noise_encoding(
+    "noise",
+    lambda shape, generator, settings: torch.randn(shape, generator=generator),
+    "forward noising x_L ~ q(x_L | x_0), one draw per seed",
+)
+register_noise_encoding(
+    "coarse",
+    lambda shape, generator, settings: coarse_noise(shape, settings.noise_cell, generator),
+    "forward noising with coarse Gaussian noise (drawn every noise_cell pixels, upsampled; Kascenas 2023)",
+)
+register_noise_encoding(
+    "simplex",
+    lambda shape, generator, settings: simplex_noise(shape, settings.noise_cell, generator),
+    "forward noising with 6-octave simplex noise (coarsest octave noise_cell pixels; Wyatt 2022, AnoDDPM)",
+)
 
 
 def encode_slices(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
@@ -282,25 +351,37 @@ def encode_slices(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSetting
 
 
 def decode_slices(
-    bundle: ModelBundle, x_L: torch.Tensor, settings: ExplainSettings, progress: SliceProgress | None = None
+    bundle: ModelBundle,
+    x_L: torch.Tensor,
+    settings: ExplainSettings,
+    progress: SliceProgress | None = None,
+    x_0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_healthy = ddim_decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
+    """x_healthy = decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
 
-    Only the classifier's input gradient is computed (see `classifier_grad_fn`); with s = 0, or a
-    target that needs no gradient (classifier-free), the decoding runs under `torch.inference_mode`.
+    The decoding is the settings' `DECODINGS` entry; x_0, the slices that were encoded (N, C, S, S),
+    is needed by those that compare with the input (THOR). Only the classifier's input gradient is
+    computed (see `classifier_grad_fn`); with s = 0, or a target that needs no gradient
+    (classifier-free), the decoding runs under `torch.inference_mode`.
     """
     device = model_device(bundle)
     guided = guided_denoiser(bundle, settings.scale, settings.amp, settings.guidance)
     no_gradients = settings.scale == 0 or not GUIDANCE.get(settings.guidance).function.needs_gradients
+    decoder = DECODINGS.get(settings.decoding).function
+    if x_0 is None and settings.decoding != "ddim":
+        raise ValueError(f"decoding {settings.decoding!r} needs the encoded slices x_0")
+    inputs = x_0 if x_0 is not None else x_L
     size = settings.batch_size
     decoded = []
     for start in range(0, x_L.shape[0], size):
         batch = to_device(x_L[start : start + size], device)
+        originals = to_device(inputs[start : start + size], device)
+        run = (batch, originals, bundle.schedule, settings.grid, settings.harmonisation)
         if no_gradients:
             with torch.inference_mode():
-                decoded.append(ddim_decode(guided, batch, bundle.schedule, settings.grid).cpu())
+                decoded.append(decoder(guided, *run).cpu())
         else:
-            decoded.append(ddim_decode(guided, batch, bundle.schedule, settings.grid).cpu())
+            decoded.append(decoder(guided, *run).cpu())
         if progress is not None:
             progress(min(start + size, x_L.shape[0]), x_L.shape[0])
     return torch.cat(decoded) if decoded else x_L.clone()
@@ -346,8 +427,92 @@ def explain_slices(
     bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings, progress: SliceProgress | None = None
 ) -> SliceExplanation:
     """Explain model-size slices x (N, C, S, S): encode, guided decode, map, p(healthy) before/after."""
-    x_healthy = decode_slices(bundle, encode_slices(bundle, x, settings), settings, progress)
+    x_healthy = decode_slices(bundle, encode_slices(bundle, x, settings), settings, progress, x_0=x)
     return slice_explanation(bundle, x, x_healthy, settings)
+
+
+@dataclass(frozen=True)
+class EnsembleExplanation:
+    """The explanation of an ensemble of settings (levels, draws) of the same slices.
+
+    Attributes:
+        mean: its map is the mean of the members' maps; x_healthy and p(healthy) after are the
+            first member's (as `adiff evaluate` does for an ensemble method).
+        spread: (N, S, S), the per-pixel standard deviation of the members' maps (ddof = 0: zero
+            where they agree, and for a single member).
+        members: how many maps were averaged.
+    """
+
+    mean: SliceExplanation
+    spread: torch.Tensor
+    members: int
+
+
+def explain_ensemble(
+    bundle: ModelBundle,
+    x: torch.Tensor,
+    plans: Sequence[ExplainSettings],
+    progress: SliceProgress | None = None,
+) -> EnsembleExplanation:
+    """Explain slices x (N, C, S, S) with every member of an ensemble; mean map and its spread.
+
+    Members with equal `encode_key` share one encoding and with equal `decode_key` one decoding.
+    `progress` counts slices over all distinct decodings.
+    """
+    if not plans:
+        raise ValueError("an ensemble needs at least one member")
+    decodings = len({p.decode_key for p in plans})
+    encoded: dict[object, torch.Tensor] = {}
+    decoded: dict[object, SliceExplanation] = {}
+    maps = []
+    for plan in plans:
+        if plan.decode_key not in decoded:
+            if plan.encode_key not in encoded:
+                encoded[plan.encode_key] = encode_slices(bundle, x, plan)
+            offset = len(decoded) * x.shape[0]
+
+            def step(done: int, total: int, offset: int = offset) -> None:
+                if progress is not None:
+                    progress(offset + done, total * decodings)
+
+            x_healthy = decode_slices(bundle, encoded[plan.encode_key], plan, step, x_0=x)
+            decoded[plan.decode_key] = slice_explanation(bundle, x, x_healthy, plan)
+        maps.append(with_residual(decoded[plan.decode_key], plan.residual).anomaly_map)
+    stacked = torch.stack(maps)
+    first = decoded[plans[0].decode_key]
+    mean = replace(with_residual(first, plans[0].residual), anomaly_map=stacked.mean(dim=0))
+    return EnsembleExplanation(mean, stacked.std(dim=0, correction=0), len(plans))
+
+
+@dataclass(frozen=True)
+class ScanEnsemble:
+    """An ensemble's explanation of a scan: the mean map's `ScanExplanation` and the spread on the input's grid.
+
+    Attributes:
+        explanation: as `explain_scan`'s, with the ensemble's mean map.
+        uncertainty: (X, Y, Z), the members' per-voxel standard deviation on the input grid (0 outside
+            the foreground and the explained slices).
+        members: how many maps were averaged.
+    """
+
+    explanation: ScanExplanation
+    uncertainty: np.ndarray
+    members: int
+
+
+def explain_scan_ensemble(
+    bundle: ModelBundle,
+    scan: Scan,
+    plans: Sequence[ExplainSettings],
+    brainmask: np.ndarray | None = None,
+    progress: SliceProgress | None = None,
+) -> ScanEnsemble:
+    """`explain_scan` with an ensemble (`explain_ensemble`): the mean map and its spread, both on the scan's grid."""
+    prepared = prepare_scan(bundle.config.data, scan, brainmask)
+    ensemble = explain_ensemble(bundle, prepared.x, plans, progress)
+    explanation = assemble_scan(scan, prepared, ensemble.mean)
+    spread = assemble_scan(scan, prepared, replace(ensemble.mean, anomaly_map=ensemble.spread)).anomaly_map
+    return ScanEnsemble(explanation, spread, ensemble.members)
 
 
 def explain_scan(

@@ -5,8 +5,8 @@
   of several draws of a stochastic encoding;
 - `intensity`: the normalised intensity of one channel (a strong detector on BraTS FLAIR).
 
-The keys `enc=`, `r=` and `g=` take the names of the `ENCODINGS`, `RESIDUALS` and `GUIDANCE`
-registries, so a newly registered choice is a method key without any change here.
+The keys `enc=`, `dec=`, `r=` and `g=` take the names of the `ENCODINGS`, `DECODINGS`, `RESIDUALS`
+and `GUIDANCE` registries, so a newly registered choice is a method key without any change here.
 """
 
 from __future__ import annotations
@@ -17,9 +17,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from anomaly_diffusion.config import Config
+from anomaly_diffusion.diffusion.decoding import DECODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
+from anomaly_diffusion.diffusion.harmonise import Harmonisation
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_settings, resolve_batch_size
+from anomaly_diffusion.explain import (
+    ENCODINGS,
+    NOISE_CELL_ENCODINGS,
+    ExplainSettings,
+    explain_settings,
+    is_stochastic,
+    resolve_batch_size,
+)
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.residuals import RESIDUALS
 
@@ -58,9 +67,12 @@ class Method:
         noise_level, scale, steps: L, s, K of a diffusion method (K None = L).
         channel: the channel of an intensity method.
         more_levels: further noise levels whose maps are averaged with L's (a multi-L ensemble).
-        encoding: an `ENCODINGS` name: 'ddim' (deterministic inversion, the paper) or 'noise'
-            (x_L ~ q(x_L | x_0), the DDPM forward process, one draw per seed).
-        seeds: with 'noise' encoding, how many draws' maps are averaged.
+        encoding: an `ENCODINGS` name: 'ddim' (deterministic inversion, the paper), or a stochastic
+            one, x_L ~ q(x_L | x_0) with white ('noise'), 'coarse' or 'simplex' noise, one draw per seed.
+        seeds: with a stochastic encoding, how many draws' maps are averaged.
+        decoding: a `DECODINGS` name ('ddim', 'thor'); None: the bundle's `explain.decoding`.
+        harmonisation: THOR's settings; None: the bundle's `explain.harmonise`.
+        noise_cell: the coarse/simplex noise's cell in pixels; None: the bundle's `explain.noise_cell`.
         median: this method's in-plane median filter size (None: the evaluation's).
         residual: a `RESIDUALS` name; None: the bundle's `explain.residual`.
         guidance: a `GUIDANCE` name; None: the bundle's `explain.guidance`.
@@ -82,6 +94,9 @@ class Method:
     guidance: str | None = None
     regime: str = ""
     plans: tuple[ExplainSettings, ...] = ()
+    decoding: str | None = None
+    harmonisation: Harmonisation | None = None
+    noise_cell: int | None = None
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -96,8 +111,25 @@ class Method:
             guidance = "unguided reconstruction" if self.scale == 0 else f"guided s={self.scale:g}"
             levels = "+".join(str(level) for level in self.levels)
             text = f"{guidance}, L={levels}, K={self.steps or self.noise_level}"
-            if self.encoding == "noise":
-                text += f", noised to L (DDPM forward), mean of {self.seeds} draw(s)"
+            if is_stochastic(self.encoding):
+                kind = "" if self.encoding == "noise" else f" with {self.encoding} noise"
+                cell = self.plans[0].noise_cell if self.plans else self.noise_cell
+                if self.encoding in NOISE_CELL_ENCODINGS and cell is not None:
+                    kind += f" (cell {cell} px)"
+                text += f", noised to L (DDPM forward){kind}, mean of {self.seeds} draw(s)"
+            elif self.encoding != "ddim":
+                text += f", {self.encoding} encoding"
+            decoding = self.plans[0].decoding if self.plans else self.decoding
+            if decoding == "thor":
+                h = self.plans[0].harmonisation if self.plans else self.harmonisation
+                text += ", THOR-harmonised" + (
+                    f" at {h.levels} level(s), threshold {h.threshold:g}, dilation {h.dilation}"
+                    + (", soft" if h.soft else "")
+                    if h is not None
+                    else ""
+                )
+            elif decoding not in (None, "ddim"):
+                text += f", {decoding} decoding"
             if self.guidance not in (None, PAPER.guidance) and self.scale > 0:  # the paper's choices go unsaid
                 text += f", {self.guidance} guidance"
             if self.residual not in (None, PAPER.residual):
@@ -106,7 +138,7 @@ class Method:
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c")
+_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f")
 _RESIDUAL_SHORT = {"positive": "pos", "negative": "neg"}
 
 
@@ -137,7 +169,9 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
             return _choice(spec, key, text, RESIDUALS.names(), _RESIDUAL_SHORT)
         if key == "g":
             return _choice(spec, key, text, GUIDANCE.names())
-        if key in ("n", "m", "c"):
+        if key == "dec":
+            return _choice(spec, key, text, DECODINGS.names())
+        if key in ("n", "m", "c", "hl", "hd", "f"):
             return int(text)
         return float(text)
     except ValueError as exc:
@@ -169,10 +203,12 @@ def _parse_method(spec: str, cfg: Config) -> Method:
     - `paper`: L = 500, s = 100, K = L, slice guidance, abs residual (Wolleb 2022);
     - `intensity` or `intensity:C` (channel C);
     - `NAME:L=300,s=50,K=30`: a named diffusion method. Keys: L (`100+200+300` averages the maps
-      of several levels), s, K, enc (an encoding: `ddim` or `noise`), n (draws averaged with
-      enc=noise), m (a median filter for this method), r (the map's residual: abs, pos or neg), g
-      (a guidance target: slice or regions); missing ones come from guided. `NAME:c=0,m=5` is the
-      intensity of channel c, median-filtered.
+      of several levels), s, K, enc (an encoding: `ddim`, `noise`, `coarse`, `simplex`), n (draws
+      averaged with a stochastic encoding), f (the coarse/simplex noise's cell in pixels), dec (a
+      decoding: `ddim` or `thor`), hl, ht, hd (THOR's harmonised levels, map threshold, dilation),
+      m (a median filter for this method), r (the map's residual: abs, pos or neg), g (a guidance
+      target: slice or regions); missing ones come from guided (and the bundle's explain config).
+      `NAME:c=0,m=5` is the intensity of channel c, median-filtered.
     """
     e = cfg.explain
     spec = spec.strip()
@@ -182,7 +218,16 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         return Method("unguided", "diffusion", e.noise_level, 0.0, e.steps, residual=e.residual)
     if spec == "paper":
         p = PAPER
-        return Method("paper", "diffusion", p.noise_level, p.scale, p.steps, residual=p.residual, guidance=p.guidance)
+        return Method(
+            "paper",
+            "diffusion",
+            p.noise_level,
+            p.scale,
+            p.steps,
+            residual=p.residual,
+            guidance=p.guidance,
+            decoding="ddim",
+        )
     channels = cfg.data.image_channels
     if spec == "intensity" or spec.startswith("intensity:"):
         channel_text = spec.partition(":")[2] or "0"
@@ -209,8 +254,25 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         if given - {"c", "m"}:
             raise ConfigError(f"method {spec!r}: an intensity method (c=) takes only c and m")
         return _intensity(spec, match.group("name"), values["c"], channels, values["m"])
-    if values["n"] < 1 or (values["n"] > 1 and values["enc"] != "noise"):
-        raise ConfigError(f"method {spec!r}: n (draws) must be >= 1, and > 1 only with enc=noise")
+    if values["n"] < 1 or (values["n"] > 1 and not is_stochastic(values["enc"])):
+        stochastic = "/".join(n for n in ENCODINGS.names() if is_stochastic(n))
+        raise ConfigError(f"method {spec!r}: n (draws) must be >= 1, and > 1 only with enc={stochastic}")
+    if "f" in given and values["f"] < 1:
+        raise ConfigError(f"method {spec!r}: f (noise cell) must be >= 1 pixel, got {values['f']}")
+    harmonisation = None
+    if given & {"hl", "ht", "hd"}:
+        h = e.harmonise
+        try:
+            harmonisation = Harmonisation(
+                levels=values.get("hl", h.levels),
+                threshold=float(values.get("ht", h.threshold)),
+                dilation=values.get("hd", h.dilation),
+                soft=h.soft,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"method {spec!r}: {exc}") from exc
+        if values.get("dec", e.decoding) != "thor":
+            raise ConfigError(f"method {spec!r}: hl, ht and hd are THOR's settings: add dec=thor")
     level, *more = values["L"]
     return Method(
         match.group("name"),
@@ -224,6 +286,9 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         median=values["m"],
         residual=values["r"],
         guidance=values["g"],
+        decoding=values.get("dec"),
+        harmonisation=harmonisation,
+        noise_cell=values.get("f"),
     )
 
 
@@ -266,6 +331,9 @@ def bind_methods(methods: Sequence[Method], bundle: ModelBundle, batch_size: int
                         encoding=m.encoding,
                         seed=seed,
                         batch_size=batch_size,
+                        decoding=m.decoding,
+                        harmonisation=m.harmonisation,
+                        noise_cell=m.noise_cell,
                     )
                     for level in m.levels
                     for seed in range(m.seeds)

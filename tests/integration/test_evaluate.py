@@ -114,7 +114,7 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "guided,guided"], "unique"),
         (["--methods", "x:L=5000"], "noise level"),
         (["--methods", "x:L=10+5000"], "noise level"),
-        (["--methods", "x:enc=ddpm"], "enc must be ddim or noise"),
+        (["--methods", "x:enc=ddpm"], "enc must be ddim, noise, coarse or simplex"),
         (["--methods", "x:n=3"], "only with enc=noise"),
         (["--methods", "x:m=99"], "median filter"),
         (["--methods", "x:q=1"], "expected keys"),

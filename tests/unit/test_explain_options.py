@@ -1,0 +1,124 @@
+"""The named encodings, decodings and ensembles of explain, and their method keys, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_support import TINY, tiny_bundle
+
+from anomaly_diffusion.config import load_config
+from anomaly_diffusion.diffusion.harmonise import Harmonisation
+from anomaly_diffusion.diffusion.schedule import q_sample
+from anomaly_diffusion.errors import ConfigError
+from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
+from anomaly_diffusion.explain import (
+    decode_slices,
+    encode_slices,
+    explain_ensemble,
+    explain_settings,
+    explain_slices,
+    is_stochastic,
+)
+
+
+def _slices(seed: int = 0) -> torch.Tensor:
+    return torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("encoding", ["noise", "coarse", "simplex"])
+def test_stochastic_encodings_are_forward_noising_with_their_seeded_noise(encoding: str) -> None:
+    bundle = tiny_bundle()
+    x = _slices()
+    settings = explain_settings(bundle, encoding=encoding, seed=3, noise_level=20)
+    x_L = encode_slices(bundle, x, settings)
+    assert torch.equal(x_L, encode_slices(bundle, x, settings))  # the seed fixes the draw
+    other = encode_slices(bundle, x, explain_settings(bundle, encoding=encoding, seed=4, noise_level=20))
+    assert not torch.equal(x_L, other)
+    # x_L = sqrt(ab_L) x + sqrt(1 - ab_L) eps: the noise read back has unit variance
+    a = bundle.schedule.alpha_bar[20]
+    eps = (x_L - a.sqrt() * x) / (1 - a).sqrt()
+    assert 0.6 < float(eps.var()) < 1.4 and is_stochastic(encoding)
+    assert torch.allclose(q_sample(bundle.schedule, x, torch.full((3,), 20), eps), x_L, atol=1e-5)
+    assert not is_stochastic("ddim")
+
+
+def test_noise_cell_defaults_follow_the_papers_and_can_be_set() -> None:
+    bundle = tiny_bundle()  # 16x16 slices
+    assert explain_settings(bundle, encoding="coarse").noise_cell == 1  # S / 16
+    assert explain_settings(bundle, encoding="simplex").noise_cell == 4  # S / 4
+    assert explain_settings(bundle, encoding="coarse", noise_cell=8).noise_cell == 8
+    coarse = [explain_settings(bundle, encoding="coarse", noise_cell=c) for c in (2, 8)]
+    assert coarse[0].encode_key != coarse[1].encode_key
+    # the cell and the seed do not split a deterministic encoding
+    ddim = [explain_settings(bundle, noise_cell=c, seed=c) for c in (2, 8)]
+    assert ddim[0].encode_key == ddim[1].encode_key
+
+
+def test_thor_decoding_is_ddim_without_levels_and_differs_with_them() -> None:
+    bundle = tiny_bundle()
+    x = _slices(1)
+    plain = explain_settings(bundle, scale=0.0)
+    x_L = encode_slices(bundle, x, plain)
+    expected = decode_slices(bundle, x_L, plain)
+    off = explain_settings(bundle, scale=0.0, decoding="thor", harmonisation=Harmonisation(levels=0))
+    assert torch.equal(decode_slices(bundle, x_L, off, x_0=x), expected)
+    on = explain_settings(bundle, scale=0.0, decoding="thor", harmonisation=Harmonisation(levels=4, threshold=0.1))
+    assert on.decode_key != plain.decode_key
+    harmonised = decode_slices(bundle, x_L, on, x_0=x)
+    assert not torch.allclose(harmonised, expected)
+    with pytest.raises(ValueError, match="needs the encoded slices"):
+        decode_slices(bundle, x_L, on)
+    with pytest.raises(ConfigError, match="decoding must be one of ddim, thor"):
+        explain_settings(bundle, decoding="nope")
+
+
+def test_the_config_chooses_the_decoding() -> None:
+    cfg = load_config(TINY, ["explain.decoding=thor", "explain.harmonise.threshold=0.2", "explain.harmonise.levels=2"])
+    assert cfg.explain.decoding == "thor" and cfg.explain.harmonise.threshold == 0.2
+    bundle = tiny_bundle()
+    bundle.config = cfg
+    settings = explain_settings(bundle)
+    assert settings.decoding == "thor" and settings.harmonisation == Harmonisation(2, 0.2, 1, False)
+    with pytest.raises(ConfigError, match=r"explain\.decoding: .*must be one of ddim, thor"):
+        load_config(TINY, ["explain.decoding=nope"])
+
+
+def test_an_ensemble_averages_its_members_and_its_spread_is_their_std() -> None:
+    bundle = tiny_bundle()
+    x = _slices(2)
+    members = [explain_settings(bundle, encoding="noise", seed=s, scale=0.0) for s in (0, 1, 2)]
+    ensemble = explain_ensemble(bundle, x, members)
+    maps = torch.stack([explain_slices(bundle, x, m).anomaly_map for m in members])
+    assert ensemble.members == 3
+    assert torch.allclose(ensemble.mean.anomaly_map, maps.mean(dim=0), atol=1e-6)
+    assert torch.allclose(ensemble.spread, maps.std(dim=0, correction=0), atol=1e-6)
+    assert (ensemble.spread >= 0).all() and ensemble.spread.max() > 0
+    same = explain_ensemble(bundle, x, [members[0], members[0]])  # identical members agree everywhere
+    assert torch.equal(same.spread, torch.zeros_like(same.spread))
+    done: list[tuple[int, int]] = []
+    explain_ensemble(bundle, x, members[:2], lambda d, t: done.append((d, t)))
+    assert done[-1] == (6, 6)  # two decodings of three slices
+
+
+def test_method_keys_for_encodings_decodings_and_thor() -> None:
+    cfg = load_config(TINY)
+    coarse = parse_method("lowfreq:enc=coarse,f=4,n=3,L=20", cfg)
+    assert (coarse.encoding, coarse.noise_cell, coarse.seeds) == ("coarse", 4, 3)
+    assert "coarse noise (cell 4 px), mean of 3 draw(s)" in coarse.describe()
+    thor = parse_method("thor:dec=thor,hl=2,ht=0.3,hd=0,L=20,K=5", cfg)
+    assert thor.decoding == "thor" and thor.harmonisation == Harmonisation(2, 0.3, 0, False)
+    assert "THOR-harmonised at 2 level(s), threshold 0.3, dilation 0" in thor.describe()
+    bundle = tiny_bundle()
+    bound = bind_methods([coarse, thor, parse_method("simplex:enc=simplex,n=2", cfg)], bundle)
+    assert [p.seed for p in bound[0].plans] == [0, 1, 2] and {p.noise_cell for p in bound[0].plans} == {4}
+    assert bound[1].plans[0].decoding == "thor" and bound[1].plans[0].harmonisation.levels == 2
+    assert bound[2].plans[0].noise_cell == 4  # the simplex default, S / 4
+    for spec, message in (
+        ("x:ht=0.3", "add dec=thor"),
+        ("x:dec=thor,ht=-1", "threshold >= 0"),
+        ("x:dec=nope", "dec must be ddim or thor"),
+        ("x:enc=coarse,f=0", "noise cell"),
+        ("x:n=2", "only with enc=noise/coarse/simplex"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_method(spec, cfg)
