@@ -42,13 +42,19 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Highest Dice over all thresholds (from the PR curve: Dice = 2PR / (P + R)) and its threshold."""
+    """Highest Dice over all thresholds (from the PR curve: Dice = 2PR / (P + R)) and its threshold.
+
+    The threshold t is for the rule used everywhere here, `scores > t`: the PR curve's point flags
+    scores >= its score s, so t is the float64 just below s (with tied top scores, `> s` would flag none).
+    """
     if not truth.any():
         return float("nan"), float("nan")
     precision, recall, thresholds = precision_recall_curve(truth, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
-    return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
+    if not len(thresholds):
+        return float(f1[best]), float("nan")
+    return float(f1[best]), float(np.nextafter(np.float64(thresholds[best]), -np.inf))
 
 
 def pixel_metrics(anomaly_map: np.ndarray, truth: np.ndarray, foreground: np.ndarray | None = None) -> PixelMetrics:
@@ -80,8 +86,8 @@ def dice_counts(tp: float, fp: float, fn: float) -> float:
 
 
 def confusion_at(scores: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[int, int, int]:
-    """(TP, FP, FN) of `scores > threshold` against a boolean mask (same shape)."""
-    predicted = scores > threshold
+    """(TP, FP, FN) of `scores > threshold` against a boolean mask (same shape), compared in float64."""
+    predicted = np.asarray(scores, dtype=np.float64) > threshold
     truth = truth.astype(bool)
     return int((predicted & truth).sum()), int((predicted & ~truth).sum()), int((~predicted & truth).sum())
 
@@ -90,6 +96,25 @@ def otsu(scores: np.ndarray) -> float:
     """Otsu's threshold of a set of scores (scikit-image); +inf when they are all equal (nothing detected)."""
     scores = np.asarray(scores, dtype=np.float64)
     return float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
+
+
+def _slice_groups(slice_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(slice id, indices of its voxels) for every slice present, in increasing slice order."""
+    order = np.argsort(slice_ids, kind="stable")
+    ids, starts = np.unique(slice_ids[order], return_index=True)
+    ends = [*starts[1:], len(order)]
+    return [(int(k), order[a:b]) for k, a, b in zip(ids, starts, ends, strict=True)]
+
+
+def per_slice_otsu_thresholds(scores: np.ndarray, slice_ids: np.ndarray) -> dict[int, float]:
+    """The Otsu threshold of each slice's own scores (`otsu`; +inf for a constant slice). {slice id: threshold}."""
+    return {k: otsu(scores[index]) for k, index in _slice_groups(slice_ids)}
+
+
+def per_slice_dice(predicted: np.ndarray, truth: np.ndarray, slice_ids: np.ndarray) -> dict[int, float]:
+    """Dice of every slice that holds lesion voxels. predicted, truth: (V,) bool; slice_ids: (V,). {slice id: Dice}."""
+    truth = truth.astype(bool)
+    return {k: dice(predicted[index], truth[index]) for k, index in _slice_groups(slice_ids) if truth[index].any()}
 
 
 def per_slice_otsu_dice(scores: np.ndarray, truth: np.ndarray, slice_ids: np.ndarray) -> dict[int, float]:
@@ -104,16 +129,15 @@ def per_slice_otsu_dice(scores: np.ndarray, truth: np.ndarray, slice_ids: np.nda
     Returns:
         {slice id: Dice} for the slices with lesion voxels.
     """
-    order = np.argsort(slice_ids, kind="stable")
-    ids, starts = np.unique(slice_ids[order], return_index=True)
-    result: dict[int, float] = {}
-    for k, start in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else len(order)
-        index = order[start:end]
-        labels = truth[index].astype(bool)
-        if labels.any():
-            result[int(ids[k])] = dice(scores[index] > otsu(scores[index]), labels)
-    return result
+    return per_slice_dice(otsu_binary(scores, slice_ids), truth, slice_ids)
+
+
+def otsu_binary(scores: np.ndarray, slice_ids: np.ndarray) -> np.ndarray:
+    """(V,) bool: each voxel's score above the Otsu threshold of its own slice (`per_slice_otsu_thresholds`)."""
+    thresholds = per_slice_otsu_thresholds(scores, slice_ids)
+    ids = np.array(sorted(thresholds), dtype=np.int64)
+    values = np.array([thresholds[k] for k in ids.tolist()], dtype=np.float64)
+    return scores > values[np.searchsorted(ids, slice_ids)] if ids.size else np.zeros(scores.shape, bool)
 
 
 def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:

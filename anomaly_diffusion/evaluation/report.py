@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from anomaly_diffusion.evaluation.methods import REGIME_TEXT, REGIMES
-from anomaly_diffusion.evaluation.results import EvaluationReport
+from anomaly_diffusion.evaluation.results import PATIENT_METRICS, EvaluationReport
 from anomaly_diffusion.evaluation.scoring import VolumeScores
 from anomaly_diffusion.metrics import per_slice_otsu_dice
 
@@ -17,8 +17,8 @@ def _f(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
-def _with_ci(value: float, interval: tuple[float, float]) -> str:
-    if not all(np.isfinite(interval)):
+def _with_ci(value: float, interval: tuple[float, float] | None) -> str:
+    if interval is None or not all(np.isfinite(interval)):
         return _f(value)
     return f"{_f(value)} [{_f(interval[0])}, {_f(interval[1])}]"
 
@@ -33,7 +33,8 @@ def report_markdown(report: EvaluationReport) -> str:
         f"{len(report.subjects)} volume(s) ({', '.join(report.subjects)}); {report.voxels} scored brain voxels, "
         f"{report.lesion_voxels} lesion voxels; {report.pathological_slices} diseased and "
         f"{report.healthy_slices} lesion-free slices. Median filter: "
-        f"{report.median_filter if report.median_filter > 1 else 'none'}. Chosen threshold: "
+        f"{report.median_filter if report.median_filter > 1 else 'none'}. 3D post-processing: "
+        f"{report.postprocess}. Chosen threshold: "
         f"{report.threshold_source}. Brackets: bootstrap 95% interval over volumes ({report.bootstrap} resamples).",
         "",
         "| regime | method | AUROC | AUPRC | Dice (slice Otsu) | Dice (chosen thr.) | Dice (best) | "
@@ -46,32 +47,47 @@ def report_markdown(report: EvaluationReport) -> str:
         p = "" if not np.isfinite(r.p_healthy_before) else f"{_f(r.p_healthy_before)} -> {_f(r.p_healthy_after)}"
         lines.append(
             f"| {r.regime} | {r.method} | {_with_ci(r.auroc, r.ci['auroc'])} | {_with_ci(r.auprc, r.ci['auprc'])} | "
-            f"{_with_ci(r.dice_slice_otsu, r.ci['dice_slice_otsu'])} | {_f(r.dice_chosen)} | "
+            f"{_with_ci(r.dice_slice_otsu, r.ci['dice_slice_otsu'])} | "
+            f"{_with_ci(r.dice_chosen, r.ci.get('dice_chosen'))} | "
             f"{_with_ci(r.dice_best, r.ci['dice_best'])} | "
             + " | ".join(_f(r.dice_at_fpr[k]) for k in fpr_keys)
-            + f" | {_f(r.slice_auroc_max)} | {_f(r.slice_auroc_mean)} | {p} |"
+            + f" | {_with_ci(r.slice_auroc_max, r.ci.get('slice_auroc_max'))} | {_f(r.slice_auroc_mean)} | {p} |"
         )
     lines += ["", "Methods: " + "; ".join(f"**{r.method}**: {r.description}" for r in report.results)]
     lines += ["", "Regimes: " + "; ".join(f"**{name}**: {text}" for name, text in REGIME_TEXT.items()), ""]
     lines += [
+        "### Per patient (mean over volumes)",
+        "",
+        "Each metric computed on each volume alone, then averaged; brackets: bootstrap over patients.",
+        "",
+        "| method | AUROC | AUPRC | Dice (best) | Dice (slice Otsu) | Dice (chosen thr.) | slice AUROC |",
+        "|---" * 7 + "|",
+    ]
+    for r in report.results:
+        cells = [_with_ci(r.per_patient.get(k, float("nan")), r.ci.get(f"patient.{k}")) for k in PATIENT_METRICS]
+        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         "### Per volume",
         "",
-        "| method | subject | AUROC | AUPRC | Dice (slice Otsu) | Dice (best) | slice AUROC |",
+        "| method | subject | AUROC | AUPRC | Dice (slice Otsu) | Dice (best) | Dice (chosen thr.) | slice AUROC |",
     ]
-    lines.append("|---" * 7 + "|")
+    lines.append("|---" * 8 + "|")
     for r in report.results:
         for subject, m in r.per_volume.items():
             lines.append(
                 f"| {r.method} | {subject} | {_f(m['auroc'])} | {_f(m['auprc'])} | {_f(m['dice_slice_otsu'])} | "
-                f"{_f(m['dice_best'])} | {_f(m['slice_auroc_max'])} |"
+                f"{_f(m['dice_best'])} | {_f(m.get('dice_chosen', float('nan')))} | {_f(m['slice_auroc_max'])} |"
             )
     lines += ["", "### By lesion size per slice (small < 1 cm², medium < 10 cm², large)", ""]
+    lines += ["Brackets (small only): bootstrap over patients.", ""]
     lines += ["| method | size | slices | AUROC | AUPRC | Dice (slice Otsu) |", "|---" * 6 + "|"]
     for r in report.results:
         for size, m in r.by_size.items():
+            ci_auroc, ci_auprc = (r.ci.get(f"small.{k}") if size == "small" else None for k in ("auroc", "auprc"))
             lines.append(
-                f"| {r.method} | {size} | {int(m['slices'])} | {_f(m.get('auroc', float('nan')))} | "
-                f"{_f(m.get('auprc', float('nan')))} | {_f(m.get('dice_slice_otsu', float('nan')))} |"
+                f"| {r.method} | {size} | {int(m['slices'])} | {_with_ci(m.get('auroc', float('nan')), ci_auroc)} | "
+                f"{_with_ci(m.get('auprc', float('nan')), ci_auprc)} | {_f(m.get('dice_slice_otsu', float('nan')))} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -89,6 +105,9 @@ def flat_metrics(report: EvaluationReport) -> dict[str, float]:
             "slice_auroc_max": r.slice_auroc_max,
             "slice_auroc_mean": r.slice_auroc_mean,
             **{f"dice_fpr_{k.rstrip('%')}pct": v for k, v in r.dice_at_fpr.items()},
+            **{f"patient_mean_{k}": v for k, v in r.per_patient.items()},
+            "small_auroc": r.by_size.get("small", {}).get("auroc", float("nan")),
+            "small_auprc": r.by_size.get("small", {}).get("auprc", float("nan")),
         }
         flat.update({f"{r.method}.{k}": float(v) for k, v in base.items()})
     return flat

@@ -3,6 +3,8 @@
 Scored voxels: the brain/foreground voxels of the slices the model sees, on the input's own grid
 (nothing is scored at model resolution). Methods sharing an encoding (`ExplainSettings.encode_key`)
 share it, and with the same s and guidance one decoding; the residual only changes the map.
+Every map goes through the same filters (in-plane median, then `PostProcess`'s 3D median and
+brain-mask erosion) before its scored voxels are kept.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from anomaly_diffusion.data.transforms import (
 )
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.evaluation.methods import Method
+from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess, eroded, median_3d
 from anomaly_diffusion.explain import decode_slices, encode_slices, slice_explanation, with_residual
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.scans import SliceExplanation, assemble_scan, prepare_scan
@@ -58,6 +61,9 @@ class VolumeScores:
         healthy_slices: slice numbers with fewer than `min_lesion_pixels` lesion voxels.
         p_healthy: method name -> (before, after) mean p(healthy | x, t=0) over slices.
         examples: slice number -> model-resolution views for the first diffusion method.
+        grid_shape: the shape of the scored voxels' bounding box in the plane stack (A, B, N).
+        voxel_index: (V,) each scored voxel's flat (C-order) index in that box, for 3D
+            operations on binary maps (connected components).
     """
 
     subject: str
@@ -68,10 +74,22 @@ class VolumeScores:
     healthy_slices: np.ndarray
     p_healthy: dict[str, tuple[float, float]] = field(default_factory=dict)
     examples: dict[int, SliceExample] = field(default_factory=dict)
+    grid_shape: tuple[int, ...] = ()
+    voxel_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def healthy_voxels(self) -> np.ndarray:
         """(V,) bool: voxels of lesion-free slices."""
         return np.isin(self.slice_ids, self.healthy_slices)
+
+    def to_grid(self, values: np.ndarray, fill: float | bool = 0) -> np.ndarray:
+        """(V,) values of the scored voxels -> their bounding box `grid_shape`, `fill` elsewhere."""
+        grid = np.full(int(np.prod(self.grid_shape)), fill, dtype=values.dtype)
+        grid[self.voxel_index] = values
+        return grid.reshape(self.grid_shape)
+
+    def from_grid(self, grid: np.ndarray) -> np.ndarray:
+        """The scored voxels' values of a `grid_shape` array, (V,)."""
+        return grid.reshape(-1)[self.voxel_index]
 
 
 def score_volume(
@@ -80,11 +98,14 @@ def score_volume(
     methods: Sequence[Method],
     median_size: int = 0,
     progress: Callable[[str], None] | None = None,
+    postprocess: PostProcess = NO_POSTPROCESS,
 ) -> VolumeScores:
     """Explain one manifest volume with every method and keep the scores of its scored voxels.
 
     Scored voxels: the brain mask (or the foreground threshold) inside the slices the model sees.
-    With `median_size` > 1 every map is median-filtered in-plane (size x size) first.
+    With `median_size` > 1 every map is median-filtered in-plane (size x size) first; then
+    `postprocess` filters it in 3D and sets the scores outside the eroded brain mask to the
+    method's floor (0 for a residual map, the clip range's low end for an intensity).
     """
     cfg: Config = bundle.config
     if row.mask is None:
@@ -97,12 +118,18 @@ def score_volume(
     region = to_plane_stack((explained_region(state) & prepared.foreground).astype(np.uint8), state) > 0
     index = np.nonzero(region)
     truth_stack = to_plane_stack(truth_volume.astype(np.uint8), state) > 0
+    inner = to_plane_stack(eroded(prepared.foreground, postprocess.erode).astype(np.uint8), state)[index] > 0
+    low = np.array([axis.min() for axis in index]) if index[0].size else np.zeros(3, np.int64)
+    high = np.array([axis.max() + 1 for axis in index]) if index[0].size else np.zeros(3, np.int64)
+    box = tuple(int(n) for n in high - low)
+    voxel_index = np.ravel_multi_index(tuple(axis - lo for axis, lo in zip(index, low, strict=True)), box)
 
-    def voxels(volume: np.ndarray, size: int) -> np.ndarray:
+    def voxels(volume: np.ndarray, size: int, floor: float) -> np.ndarray:
         stack = to_plane_stack(volume.astype(np.float32), state)
         if size > 1:
             stack = median_filter(stack, size=(size, size, 1))
-        return stack[index].astype(np.float32)
+        scores = median_3d(stack, postprocess.median_3d)[index].astype(np.float32)
+        return np.where(inner, scores, np.float32(floor))
 
     lesion_per_slice = truth_stack.sum(axis=(0, 1))
     healthy_slices = np.array([k for k in state.kept if lesion_per_slice[k] < cfg.data.min_lesion_pixels], dtype=int)
@@ -120,20 +147,20 @@ def score_volume(
         if method.kind == "intensity":
             if normalised is None:
                 normalised = normalise(scan.data, state, cfg.data)
-            scores[method.name] = voxels(normalised[method.channel], size)
+            scores[method.name] = voxels(normalised[method.channel], size, cfg.data.clip_range[0])
             continue
         parts = []
         for plan in method.plans:
             if plan.encode_key not in encoded:
                 encoded[plan.encode_key] = encode_slices(bundle, prepared.x, plan)
             if plan.decode_key not in decoded:
-                x_healthy = decode_slices(bundle, encoded[plan.encode_key], plan)
+                x_healthy = decode_slices(bundle, encoded[plan.encode_key], plan, x_0=prepared.x)
                 decoded[plan.decode_key] = slice_explanation(bundle, prepared.x, x_healthy, plan)
             parts.append(with_residual(decoded[plan.decode_key], plan.residual))
         # an ensemble's map is the mean of its parts' maps; its counterfactual is the first part's
         combined = replace(parts[0], anomaly_map=torch.stack([p.anomaly_map for p in parts]).mean(dim=0))
         explanation = assemble_scan(scan, prepared, combined)
-        scores[method.name] = voxels(explanation.anomaly_map, size)
+        scores[method.name] = voxels(explanation.anomaly_map, size, 0.0)
         sl = explanation.slices
         p_healthy[method.name] = (float(sl.p_healthy_before.mean()), float(sl.p_healthy_after.mean()))
         if not examples:
@@ -153,6 +180,8 @@ def score_volume(
         healthy_slices=healthy_slices,
         p_healthy=p_healthy,
         examples=examples,
+        grid_shape=box,
+        voxel_index=voxel_index.astype(np.int32 if np.prod(box) < 2**31 else np.int64),
     )
 
 
@@ -166,6 +195,7 @@ def score_volumes(
     methods: Sequence[Method],
     median_size: int = 0,
     progress: ScoreProgress | None = None,
+    postprocess: PostProcess = NO_POSTPROCESS,
 ) -> list[VolumeScores]:
     """`score_volume` of each row, in order, reporting (volume, total, subject, method) progress."""
     scored = []
@@ -175,7 +205,7 @@ def score_volumes(
             if progress is not None:
                 progress(i, len(rows), row.subject, method)
 
-        scored.append(score_volume(bundle, row, methods, median_size, step))
+        scored.append(score_volume(bundle, row, methods, median_size, step, postprocess))
     if progress is not None and rows:
         progress(len(rows), len(rows), rows[-1].subject, "")
     return scored

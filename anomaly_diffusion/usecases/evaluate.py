@@ -18,6 +18,7 @@ from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
 from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import ConfigError, InputError
 from anomaly_diffusion.evaluation.methods import MAX_MEDIAN_FILTER, bind_methods, parse_method
+from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess
 from anomaly_diffusion.evaluation.report import flat_metrics, montage_rows, report_markdown
 from anomaly_diffusion.evaluation.results import EvaluationReport, evaluate
 from anomaly_diffusion.evaluation.scoring import ScoreProgress, VolumeScores, score_volumes
@@ -45,6 +46,8 @@ class EvaluateRequest:
         max_volumes: evaluate only the first N volumes of each split (quick looks).
         explain_overrides: `explain.KEY=VALUE` settings replacing the bundle's explain defaults
             (what `guided` means), e.g. to score a trained model with the defaults of a newer config.
+        postprocess: 3D median, brain-mask erosion and small-component removal, the same for
+            every method (`evaluation.postprocess`).
     """
 
     manifest: Path
@@ -64,6 +67,7 @@ class EvaluateRequest:
     compile_networks: bool = False
     fp32: bool = False
     explain_overrides: Sequence[str] = field(default=())
+    postprocess: PostProcess = NO_POSTPROCESS
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS or self.threshold_split not in (None, *SPLITS):
@@ -73,6 +77,8 @@ class EvaluateRequest:
         for fpr in self.fprs:
             if not 0 < fpr < 1:
                 raise ConfigError(f"false-positive rates must be in (0, 1), got {fpr}")
+        if self.median_size > 1 and self.postprocess.median_3d > 1:
+            raise ConfigError("--median-filter (in-plane) and --median-3d exclude each other: choose one")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
         if self.threshold_split is not None and self.threshold_split == self.split:
@@ -141,7 +147,7 @@ def run_evaluate(
         announce(f"compute: {compute_summary(model_device(bundle), cfg.train.amp)}")
 
     def scored(split_rows: list[ManifestRow]) -> list[VolumeScores]:
-        mine = score_volumes(bundle, context.shard_list(split_rows), methods, r.median_size, progress)
+        mine = score_volumes(bundle, context.shard_list(split_rows), methods, r.median_size, progress, r.postprocess)
         shards = context.gather(mine)
         if not context.is_main:
             return []
@@ -164,6 +170,7 @@ def run_evaluate(
         r.median_size,
         cfg.train.seed,
         r.threshold_split,
+        r.postprocess,
     )
     curves = {
         m.name: (np.concatenate([v.scores[m.name] for v in volumes]), np.concatenate([v.truth for v in volumes]))
@@ -184,6 +191,7 @@ def run_evaluate(
         "threshold_split": r.threshold_split or "",
         "threshold_source": report.threshold_source,
         "median_filter": r.median_size,
+        "postprocess": r.postprocess.describe(),
         "bootstrap": r.bootstrap,
         "fprs": ",".join(f"{f:g}" for f in r.fprs),
         "volumes": len(volumes),
