@@ -15,8 +15,10 @@ from typing import Annotated, Any
 import typer
 
 from anomaly_diffusion import __version__
+from anomaly_diffusion.diffusion.decoding import DECODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
+from anomaly_diffusion.explain import ENCODINGS
 from anomaly_diffusion.residuals import RESIDUALS
 from anomaly_diffusion.runtime import set_threads
 from anomaly_diffusion.terminal import (
@@ -36,6 +38,7 @@ from anomaly_diffusion.terminal import (
     Threads,
     TrackingUri,
     announce,
+    choice,
     console,
     one_line_errors,
     out,
@@ -159,12 +162,35 @@ def explain(
     fp32: Fp32 = False,
     residual: ResidualOption = None,
     guidance: GuidanceOption = None,
+    encoding: Annotated[
+        str | None,
+        typer.Option("--encoding", **choice(ENCODINGS.names()), help=f"How x becomes x_L: {ENCODINGS.help()}."),
+    ] = None,
+    decoding: Annotated[
+        str | None,
+        typer.Option(
+            "--decoding",
+            **choice(DECODINGS.names()),
+            help=f"How x_L is decoded: {DECODINGS.help()}. Default: the model's explain.decoding.",
+        ),
+    ] = None,
+    ensemble: Annotated[
+        str | None,
+        typer.Option(
+            "--ensemble",
+            help="Noise levels whose maps are averaged, e.g. 100+200 (replaces -L); with more than one map "
+            "their per-voxel standard deviation is written as <stem>_uncertainty.nii.gz.",
+        ),
+    ] = None,
+    draws: Annotated[
+        int, typer.Option("--draws", min=1, help="Draws of a stochastic --encoding averaged per level (seeds 0..N-1).")
+    ] = 1,
     threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
     set_threads(threads)
-    from anomaly_diffusion.usecases.explain import ExplainRequest, run_explain
+    from anomaly_diffusion.usecases.explain import ExplainRequest, parse_levels, run_explain
 
     request = ExplainRequest(
         scans=scans,
@@ -184,6 +210,10 @@ def explain(
         device=device,
         compile_networks=compile_networks,
         fp32=fp32,
+        encoding=encoding,
+        decoding=decoding,
+        ensemble_levels=parse_levels(ensemble) if ensemble else (),
+        draws=draws,
     )
     with progress_bars() as progress:
         outcome = run_explain(request, slice_progress(progress), announce)
@@ -214,6 +244,21 @@ def evaluate(
     median_filter: Annotated[
         int, typer.Option("--median-filter", help="In-plane median filter size for every map (0 = none).")
     ] = 0,
+    median_3d: Annotated[
+        int, typer.Option("--median-3d", help="3D (cubic) median filter size for every map, in voxels (0 = none).")
+    ] = 0,
+    erode: Annotated[
+        int,
+        typer.Option(
+            "--erode", help="Erode the brain mask by N voxels: scores at its edge count as normal (0 = none)."
+        ),
+    ] = 0,
+    min_component: Annotated[
+        int,
+        typer.Option(
+            "--min-component", help="Binary maps drop 3D connected components smaller than N voxels (0 = none)."
+        ),
+    ] = 0,
     fpr: Annotated[
         str, typer.Option("--fpr", help="Target false-positive rates on lesion-free slices, comma-separated.")
     ] = "0.01,0.05",
@@ -243,6 +288,7 @@ def evaluate(
     set_threads(threads)
     from anomaly_diffusion.distributed import shutdown
     from anomaly_diffusion.evaluation.methods import split_method_specs
+    from anomaly_diffusion.evaluation.postprocess import PostProcess
     from anomaly_diffusion.usecases.evaluate import EvaluateRequest, run_evaluate
 
     try:
@@ -267,6 +313,7 @@ def evaluate(
         compile_networks=compile_networks,
         fp32=fp32,
         explain_overrides=explain_set or [],
+        postprocess=PostProcess(median_3d, erode, min_component),
     )
     with progress_bars() as progress:
         task = progress.add_task("evaluate volumes", total=None, info="")
