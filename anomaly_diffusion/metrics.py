@@ -132,12 +132,21 @@ def per_slice_otsu_dice(scores: np.ndarray, truth: np.ndarray, slice_ids: np.nda
     return per_slice_dice(otsu_binary(scores, slice_ids), truth, slice_ids)
 
 
-def otsu_binary(scores: np.ndarray, slice_ids: np.ndarray) -> np.ndarray:
-    """(V,) bool: each voxel's score above the Otsu threshold of its own slice (`per_slice_otsu_thresholds`)."""
-    thresholds = per_slice_otsu_thresholds(scores, slice_ids)
+def otsu_binary(scores: np.ndarray, slice_ids: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
+    """(V,) bool: each voxel's score above the Otsu threshold of its own slice (`per_slice_otsu_thresholds`).
+
+    With `support` ((V,) bool), thresholds come from the supported voxels only and only they can
+    be flagged (e.g. inside an eroded brain mask, whose rim would otherwise be a mode of its own).
+    """
+    keep = np.ones(scores.shape, bool) if support is None else support.astype(bool)
+    thresholds = per_slice_otsu_thresholds(scores[keep], slice_ids[keep])
+    if not thresholds:
+        return np.zeros(scores.shape, bool)
     ids = np.array(sorted(thresholds), dtype=np.int64)
     values = np.array([thresholds[k] for k in ids.tolist()], dtype=np.float64)
-    return scores > values[np.searchsorted(ids, slice_ids)] if ids.size else np.zeros(scores.shape, bool)
+    position = np.clip(np.searchsorted(ids, slice_ids), 0, len(ids) - 1)
+    known = ids[position] == slice_ids
+    return keep & known & (scores > np.where(known, values[position], np.inf))
 
 
 def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:

@@ -117,7 +117,10 @@ def best_threshold(volumes: Sequence[VolumeScores], method: str) -> float:
 
 
 def binary_map(v: VolumeScores, predicted: np.ndarray, min_component: int = 0) -> np.ndarray:
-    """(V,) bool: a binary map of the scored voxels without its 3D components of fewer than `min_component` voxels."""
+    """(V,) bool: a binary map of the scored voxels, none outside the eroded brain mask, without its 3D
+    components of fewer than `min_component` voxels."""
+    if v.eroded_out is not None:
+        predicted = predicted & ~v.eroded_out
     if min_component <= 1:
         return predicted
     return v.from_grid(drop_small_components(v.to_grid(predicted, False), min_component))
@@ -153,7 +156,8 @@ def _dice_at(
 
 def otsu_slice_dice(v: VolumeScores, method: str, min_component: int = 0) -> dict[int, float]:
     """Each diseased slice's Dice at its own Otsu threshold (Wolleb 2022), after `binary_map`'s components."""
-    predicted = binary_map(v, otsu_binary(v.scores[method], v.slice_ids), min_component)
+    support = None if v.eroded_out is None else ~v.eroded_out
+    predicted = binary_map(v, otsu_binary(v.scores[method], v.slice_ids, support), min_component)
     return per_slice_dice(predicted, v.truth, v.slice_ids)
 
 
@@ -364,8 +368,12 @@ def _volume_metrics(
     labels = ~np.isin(ids, v.healthy_slices)
     if table is None:
         volume_best = best_dice(scores, truth)[0]
+    elif truth.any():  # over the candidates and its chosen threshold, as the pooled best
+        at_chosen = _sum_dice([chosen_counts])
+        volume_best = float(_counts_dice(table).max())
+        volume_best = max(volume_best, at_chosen) if np.isfinite(at_chosen) else volume_best
     else:
-        volume_best = float(_counts_dice(table).max()) if truth.any() else float("nan")
+        volume_best = float("nan")
     return {
         "auroc": auroc(scores, truth),
         "auprc": auprc(scores, truth),

@@ -64,6 +64,8 @@ class VolumeScores:
         grid_shape: the shape of the scored voxels' bounding box in the plane stack (A, B, N).
         voxel_index: (V,) each scored voxel's flat (C-order) index in that box, for 3D
             operations on binary maps (connected components).
+        eroded_out: (V,) bool, voxels outside the eroded brain mask (`PostProcess.erode`): they
+            score the floor and no binary map flags them.
     """
 
     subject: str
@@ -76,6 +78,7 @@ class VolumeScores:
     examples: dict[int, SliceExample] = field(default_factory=dict)
     grid_shape: tuple[int, ...] = ()
     voxel_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    eroded_out: np.ndarray | None = None
 
     def healthy_voxels(self) -> np.ndarray:
         """(V,) bool: voxels of lesion-free slices."""
@@ -182,6 +185,7 @@ def score_volume(
         examples=examples,
         grid_shape=box,
         voxel_index=voxel_index.astype(np.int32 if np.prod(box) < 2**31 else np.int64),
+        eroded_out=~inner if postprocess.erode > 0 else None,
     )
 
 

@@ -131,6 +131,22 @@ def test_per_slice_otsu_dice_is_wolleb_protocol() -> None:
     assert result.dice_slice_otsu == 0.5  # mean over diseased slices; slice 2 (healthy) left out
 
 
+def test_an_eroded_rim_is_no_mode_of_the_per_slice_otsu_threshold() -> None:
+    """Erosion floors the rim's scores; Otsu must not split floor vs brain (it would flag the whole brain)."""
+    truth = np.zeros((12, 12, 3), bool)
+    truth[5:7, 5:7, :] = True
+    scores = np.full(truth.shape, 0.2)
+    scores[truth] = 0.9
+    rim = np.ones(truth.shape, bool)
+    rim[2:10, 2:10, :] = False
+    scores[rim] = 0.0  # the floor
+    v = volume("p", truth, scores)
+    assert evaluate_method([v], METHOD, bootstrap=0).dice_slice_otsu < 0.2  # 0 | {0.2, 0.9}: the brain is flagged
+    v.eroded_out = rim[np.nonzero(np.ones(truth.shape, bool))]
+    result = evaluate_method([v], METHOD, bootstrap=0)
+    assert result.dice_slice_otsu == 1.0 and result.dice_best == 1.0
+
+
 def test_means_and_intervals_over_patients() -> None:
     rng = np.random.default_rng(0)
     truth = np.zeros((6, 6, 4), bool)
