@@ -121,7 +121,7 @@ def test_evaluate_leave_one_volume_out_and_bootstrap(
         (["--methods", "x:c=0;L=5"], "takes only c and m"),
         (["--methods", "x:c=7"], "channel must be"),
         (["--methods", "x:r=both"], "r must be abs, pos or neg"),
-        (["--methods", "x:g=both"], "g must be slice or regions"),
+        (["--methods", "x:g=both"], "g must be slice, regions or cfg"),
         (["--set", "data.image_size=32"], "only explain.* settings can change"),
         (["--set", "explain.guidance=regions"], "guidance=regions needs classifier.pooling=lse"),
         (["--methods", "x:g=regions"], "needs a classifier with pooling=lse"),
