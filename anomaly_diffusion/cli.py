@@ -43,12 +43,14 @@ from anomaly_diffusion.terminal import (
     one_line_errors,
     out,
     phase_progress,
+    print_cohort,
     print_data,
     print_demo,
     print_explain,
     print_trained,
     progress_bars,
     slice_progress,
+    study_progress,
     tracking_store,
 )
 
@@ -141,8 +143,20 @@ def train(
 @one_line_errors
 def explain(
     scans: Annotated[
-        list[Path], typer.Argument(help="NIfTI file(s) or DICOM series folder(s), one per model channel.")
+        list[Path],
+        typer.Argument(
+            help="NIfTI file(s) or DICOM series folder(s), one per model channel; or a cohort: a manifest CSV, "
+            "or a folder of studies with --channel."
+        ),
     ],
+    channels: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--channel",
+            help="Cohort in a folder: a channel file pattern with {id} for the study id (e.g. '{id}_t1.nii.gz', "
+            "'{id}/dicom'), once per model channel; --mask/--brainmask then take {id} patterns too.",
+        ),
+    ] = None,
     noise_level: NoiseLevel = None,
     scale: Scale = None,
     steps: Steps = None,
@@ -188,8 +202,13 @@ def explain(
     threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
+    """Explain a scan: healthy counterfactual + anomaly map, written in the input's space.
+
+    Given a cohort, explain every study into OUT/<study>/ (resumable; a summary table, most abnormal
+    first; one MLflow parent run with a child run per study; torchrun shares the studies out).
+    """
     set_threads(threads)
+    from anomaly_diffusion.usecases.cohort import CohortRequest, cohort_source
     from anomaly_diffusion.usecases.explain import ExplainRequest, parse_levels, run_explain
 
     request = ExplainRequest(
@@ -215,9 +234,31 @@ def explain(
         ensemble_levels=parse_levels(ensemble) if ensemble else (),
         draws=draws,
     )
+    source = cohort_source(scans, channels or [], mask, brainmask)
+    if source is not None:
+        _explain_cohort(CohortRequest.like(request, source))
+        return
     with progress_bars() as progress:
         outcome = run_explain(request, slice_progress(progress), announce)
     print_explain(outcome)
+
+
+def _explain_cohort(request: Any) -> None:
+    """`adiff explain` on a cohort (`usecases.cohort.CohortRequest`); exit 1 with one line if a study failed."""
+    from anomaly_diffusion.distributed import shutdown
+    from anomaly_diffusion.usecases.cohort import CohortHooks, run_cohort
+
+    context = _distributed_context()
+    try:
+        with progress_bars() as progress:
+            studies, slices = study_progress(progress)
+            hooks = CohortHooks(announce, studies, slices) if context.is_main else CohortHooks(announce)
+            outcome = run_cohort(request, hooks, context)
+    finally:
+        shutdown(context)
+    if outcome is not None:
+        print_cohort(outcome)
+        outcome.raise_for_failures()
 
 
 @app.command()

@@ -154,6 +154,62 @@ def slice_progress(progress: Progress) -> Callable[[int, int], None]:
     return update
 
 
+def study_progress(progress: Progress) -> tuple[Callable[[int, int, str], None], Callable[[int, int], None]]:
+    """A cohort's two bars: (studies done, total, current study) -> 'explain studies' with the time
+    remaining for the cohort; (slices done, total) -> 'slices' of the current study, restarted per study."""
+    tasks: dict[str, Any] = {}
+
+    def studies(done: int, total: int, subject: str) -> None:
+        if "studies" not in tasks:
+            tasks["studies"] = progress.add_task("explain studies", total=total, info="")
+        progress.update(tasks["studies"], completed=done, total=total, info=subject)
+        if "slices" in tasks and subject != tasks.get("subject"):
+            progress.reset(tasks["slices"], total=None)
+        tasks["subject"] = subject
+
+    def slices(done: int, total: int) -> None:
+        if "slices" not in tasks:
+            tasks["slices"] = progress.add_task("  slices", total=total, info="")
+        progress.update(tasks["slices"], completed=done, total=total)
+
+    return studies, slices
+
+
+def print_cohort(outcome: Any, shown: int = 20) -> None:
+    """A cohort's table, most abnormal first, its files and counts (`usecases.cohort.CohortOutcome`)."""
+
+    def number(value: float, digits: int = 3) -> str:
+        return f"{value:.{digits}f}" if value == value else "-"  # NaN: does not apply
+
+    header = (
+        f"{'study':<16} {'p(h) before':>11} {'after':>6} {'max score':>9} {'volume mL':>9} {'peak':>5} {'time s':>6}"
+    )
+    out.print("most abnormal first (by max anomaly score); p(healthy): the lowest over slices", highlight=False)
+    out.print(header, highlight=False, markup=False)
+    for row in outcome.rows[:shown]:
+        if row.status != "done":
+            out.print(f"{row.study:<16} failed: {row.error}", highlight=False, markup=False)
+            continue
+        peak = f"{row.peak_slice:.0f}" if row.peak_slice == row.peak_slice else "-"
+        out.print(
+            f"{row.study:<16} {number(row.p_healthy_before_min):>11} {number(row.p_healthy_after_min):>6} "
+            f"{number(row.anomaly_max):>9} {number(row.anomaly_volume_ml, 2):>9} {peak:>5} {row.seconds:>6.0f}",
+            highlight=False,
+            markup=False,
+        )
+    if len(outcome.rows) > shown:
+        out.print(f"... {len(outcome.rows) - shown} more", highlight=False)
+    for name, path in outcome.outputs.items():
+        out.print(f"{name}: {path}", highlight=False)
+    processes = f" on {outcome.world_size} processes" if outcome.world_size > 1 else ""
+    out.print(
+        f"mlflow parent run: {outcome.parent_run_id}   studies: {len(outcome.rows)} ({outcome.explained} explained, "
+        f"{outcome.tracked} only logged, {outcome.skipped} skipped, {len(outcome.failed)} failed)   "
+        f"time: {outcome.seconds:.0f} s{processes}",
+        highlight=False,
+    )
+
+
 def print_data(summary: dict[str, dict[str, int]]) -> None:
     for split, counts in summary.items():
         console.print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)

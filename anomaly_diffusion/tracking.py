@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,11 +29,57 @@ from anomaly_diffusion.errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 _SQLITE = "sqlite:///"
+LOCK_PATIENCE_S = 30.0
+"""How long a call waits for a SQLite store that another writer holds locked before giving up."""
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""The tag that nests a run under another in the MLflow UI."""
 
 
 def _quiet_mlflow_loggers() -> None:
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+    for name in ("alembic", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs a traceback for each database error before raising it, which `_Patient` reports as one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+def _is_locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc)
+
+
+class _Patient:
+    """An MlflowClient whose calls wait out a SQLite store locked by another writer.
+
+    SQLite gives up on a lock after its busy timeout (5 s); a call that fails so is tried again
+    until `LOCK_PATIENCE_S` has passed, then raises one `TrackingError` line. A locked SQLite
+    transaction is rolled back, so trying a call again never does it twice.
+    """
+
+    def __init__(self, client: Any, uri: str) -> None:
+        self._client = client
+        self._uri = uri
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs), tried again while the store is locked."""
+        started = time.monotonic()
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                waited = time.monotonic() - started
+                if not _is_locked(exc):
+                    raise
+                if waited >= LOCK_PATIENCE_S:
+                    raise TrackingError(
+                        f"MLflow store {self._uri} is locked by another writer (database is locked; waited "
+                        f"{waited:.0f} s); retry when it is free"
+                    ) from exc
+                time.sleep(min(1.0, LOCK_PATIENCE_S - waited))
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: self.call(attribute, *args, **kwargs)
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -78,6 +124,9 @@ class RunLogger(Protocol):
 
     def log_text(self, text: str, name: str) -> None:
         """Store text as an artifact."""
+
+    def log_table(self, columns: Mapping[str, Sequence[Any]], name: str) -> str:
+        """Store a table (the run page's table view), replacing one of that name; returns the name used."""
 
 
 class MlflowRunLogger:
@@ -126,6 +175,28 @@ class MlflowRunLogger:
         """Store text as an artifact."""
         self._client.log_text(self.run_id, text, name)
 
+    def log_table(self, columns: Mapping[str, Sequence[Any]], name: str) -> str:
+        """Store a table with `MlflowClient.log_table`, replacing an earlier one of that name.
+
+        `log_table` appends to an existing table; a resumed run's table is deleted first where the
+        artifact store can delete, else the table goes to 'NAME-2.json', 'NAME-3.json', ...
+        Returns the artifact name used.
+        """
+        listed = {a.path for a in self._client.list_artifacts(self.run_id)}
+        chosen, stem, n = name, name.removesuffix(".json"), 1
+        if chosen in listed:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            run = self._client.get_run(self.run_id)
+            with contextlib.suppress(Exception):  # stores that cannot delete are handled below
+                get_artifact_repository(run.info.artifact_uri).delete_artifacts(chosen)
+            listed = {a.path for a in self._client.list_artifacts(self.run_id)}
+        while chosen in listed:
+            n += 1
+            chosen = f"{stem}-{n}.json"
+        self._client.log_table(self.run_id, data={k: list(v) for k, v in columns.items()}, artifact_file=chosen)
+        return chosen
+
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """For an http(s) store, fail fast when nothing listens (MLflow itself retries for minutes)."""
@@ -150,8 +221,10 @@ def make_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = _Patient(MlflowClient(tracking_uri=uri), uri)
         client.search_experiments(max_results=1)
+    except TrackingError:
+        raise
     except Exception as exc:  # MLflow raises many kinds: report them as one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise TrackingError(f"MLflow tracking store {uri!r} cannot be used: {first}") from exc
@@ -216,12 +289,63 @@ def tracked_run(
     try:
         yield logger
     except KeyboardInterrupt:
-        client.set_terminated(logger.run_id, status="KILLED")
+        with contextlib.suppress(Exception):  # the interruption is what the user must see
+            client.set_terminated(logger.run_id, status="KILLED")
         raise
     except BaseException:
-        client.set_terminated(logger.run_id, status="FAILED")
+        with contextlib.suppress(Exception):  # e.g. a locked store: the first error is the one to report
+            client.set_terminated(logger.run_id, status="FAILED")
         raise
     client.set_terminated(logger.run_id, status="FINISHED")
+
+
+def failed_run(
+    uri: str, experiment: str, run_name: str, kind: str, tags: Mapping[str, Any], note: str, started_at: float
+) -> str:
+    """A run that records work which failed (status FAILED, the error as its description); returns its id."""
+    client = make_client(uri)
+    experiment_id = _experiment_id(client, uri, experiment)
+    all_tags = {"adiff.kind": kind, "adiff.version": __version__, **tags, "mlflow.note.content": note}
+    run = client.create_run(
+        experiment_id,
+        start_time=int(started_at * 1000),
+        run_name=run_name,
+        tags={k: str(v) for k, v in all_tags.items()},
+    )
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return str(run.info.run_id)
+
+
+def run_status(uri: str, run_id: str) -> str | None:
+    """A run's status (RUNNING, FINISHED, ...), None if the store has no such (undeleted) run."""
+    client = make_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except TrackingError:
+        raise
+    except Exception:  # MLflow raises its own exception types for unknown runs
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else str(run.info.status)
+
+
+def end_running_children(uri: str, parent_run_id: str, keep: Collection[str] = ()) -> int:
+    """Mark the still RUNNING child runs of a parent KILLED (left by a process that was killed); returns how many.
+
+    Runs in `keep` are left alone.
+    """
+    client = make_client(uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    ended = 0
+    for run in found:
+        if run.info.run_id not in keep:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended += 1
+    return ended
 
 
 MODELS_PREFIX = "models:/"

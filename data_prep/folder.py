@@ -12,32 +12,19 @@ match for every subject. Without --mask, give --label (0 healthy, 1 pathological
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from anomaly_diffusion.data.manifest import ManifestRow, assign_splits, split_counts, write_manifest
+from anomaly_diffusion.data.patterns import find_subjects, pattern_regex, resolve_pattern
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.terminal import run_tool
 
 
-def _regex(pattern: str) -> re.Pattern[str]:
-    if pattern.count("{id}") != 1:
-        raise InputError(f"pattern {pattern!r} must contain {{id}} exactly once")
-    return re.compile("^" + re.escape(pattern).replace(re.escape("{id}"), "(?P<id>[^/]+)") + "$")
-
-
-def find_subjects(root: Path, first: str) -> list[str]:
-    """Subject ids whose path matches the first channel pattern."""
-    regex = _regex(first)
-    ids = {m.group("id") for p in root.rglob("*") if (m := regex.match(p.relative_to(root).as_posix()))}
-    return sorted(ids)
-
-
 def _resolve(root: Path, pattern: str, subject: str) -> Path:
-    path = root / pattern.replace("{id}", subject)
+    path = resolve_pattern(root, pattern, subject)
     if not path.exists():
         raise InputError(f"subject {subject}: {path} not found")
     return path
@@ -59,8 +46,8 @@ def main(
         raise InputError("give --mask (slice labels from masks) or --label (one label for all scans)")
     for pattern in (*channel, mask, brainmask):
         if pattern is not None:
-            _regex(pattern)
-    subjects = find_subjects(root, channel[0])
+            pattern_regex(pattern)
+    subjects = find_subjects(root, [channel[0]])
     if not subjects:
         raise InputError(f"{root}: nothing matches {channel[0]!r}")
     splits = assign_splits(subjects, val, test, seed)

@@ -53,12 +53,14 @@ def _relative(base: Path, path: Path) -> str:
         return str(path.resolve())
 
 
-def read_manifest(path: Path, splits: Sequence[Split] | None = None) -> list[ManifestRow]:
+def read_manifest(path: Path, splits: Sequence[Split] | None = None, strict: bool = True) -> list[ManifestRow]:
     """Read and check a manifest CSV.
 
     Args:
         path: the manifest file.
         splits: keep only these splits (all when None).
+        strict: refuse the whole manifest for a missing file or rows with different numbers of
+            channels; False leaves both to the caller (a cohort records them per study and goes on).
 
     Raises:
         InputError: missing file or column, unknown split, bad label, no rows, a subject in two
@@ -97,7 +99,7 @@ def read_manifest(path: Path, splits: Sequence[Split] | None = None) -> list[Man
                 brainmask=_resolve(base, brainmask) if brainmask else None,
                 label=label,
             )
-            for file in (*row.images, row.mask, row.brainmask):
+            for file in (*row.images, row.mask, row.brainmask) if strict else ():
                 if file is not None and not file.exists():
                     raise InputError(f"{path}:{line}: file not found: {file}")
             rows.append(row)
@@ -108,7 +110,7 @@ def read_manifest(path: Path, splits: Sequence[Split] | None = None) -> list[Man
         if split_of.setdefault(row.subject, row.split) != row.split:
             raise InputError(f"{path}: subject {row.subject!r} is in two splits; splits must be by subject")
     channels = {len(row.images) for row in rows}
-    if len(channels) > 1:
+    if strict and len(channels) > 1:
         raise InputError(f"{path}: rows have different numbers of channels {sorted(channels)}")
     return [row for row in rows if splits is None or row.split in splits]
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from skimage.filters import threshold_otsu
 from anomaly_diffusion.data.dicom import redact
 from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
 from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
-from anomaly_diffusion.data.transforms import explained_region, mask_to_slices, normalise
+from anomaly_diffusion.data.transforms import PreprocessState, explained_region, mask_to_slices, normalise
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_scan_ensemble, explain_settings, is_stochastic
 from anomaly_diffusion.files import atomic_write_bytes
@@ -26,7 +27,7 @@ from anomaly_diffusion.plots import explain_montage
 from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference
 from anomaly_diffusion.scans import ScanExplanation
 from anomaly_diffusion.tracking import tracked_run
-from anomaly_diffusion.usecases.common import load_model, output_stem
+from anomaly_diffusion.usecases.common import find_latest_bundle, load_model, output_stem
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,141 @@ def parse_levels(text: str) -> tuple[int, ...]:
     return levels
 
 
+class ModelOptions(Protocol):
+    """The model and method options an `Explainer` is made from (`ExplainRequest`, `CohortRequest`)."""
+
+    @property
+    def tracking_uri(self) -> str: ...
+    @property
+    def model(self) -> Path | str | None: ...
+    @property
+    def noise_level(self) -> int | None: ...
+    @property
+    def scale(self) -> float | None: ...
+    @property
+    def steps(self) -> int | None: ...
+    @property
+    def guidance(self) -> str | None: ...
+    @property
+    def residual(self) -> str | None: ...
+    @property
+    def batch_size(self) -> int | None: ...
+    @property
+    def threshold(self) -> float | None: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def compile_networks(self) -> bool: ...
+    @property
+    def fp32(self) -> bool: ...
+    @property
+    def encoding(self) -> str | None: ...
+    @property
+    def decoding(self) -> str | None: ...
+    @property
+    def ensemble_levels(self) -> Sequence[int]: ...
+    @property
+    def draws(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Explainer:
+    """A model loaded (once per process) with the settings it explains every scan with.
+
+    Attributes:
+        bundle: the networks, prepared for inference.
+        plans: the settings of each ensemble member (one for a plain explanation): L, s, K, guidance,
+            residual, encoding and its draw, decoding, batch size, precision.
+        bundle_name: the bundle's file name; model_ref: 'NAME/VERSION' of a registered model.
+        identity: what names this model across runs (registered version, training run, or file).
+        threshold: the anomaly-volume threshold (the request's, else the model's); None: Otsu per scan.
+    """
+
+    bundle: ModelBundle
+    plans: tuple[ExplainSettings, ...]
+    bundle_name: str
+    model_ref: str | None
+    identity: str
+    threshold: float | None
+
+    @property
+    def settings(self) -> ExplainSettings:
+        """The first member's settings (what the others share but L and the draw)."""
+        return self.plans[0]
+
+    @property
+    def precision(self) -> str:
+        return precision_name(model_device(self.bundle), self.settings.amp)
+
+    @property
+    def compute(self) -> str:
+        """The device, threads and precision, for the line printed before the work starts."""
+        return f"compute: {compute_summary(model_device(self.bundle), self.settings.amp)}"
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags linking a run to the model's training run and registered version."""
+        tags = {"adiff.train_run_id": self.bundle.train_run_id} if self.bundle.train_run_id else {}
+        if self.model_ref:
+            tags["adiff.model"] = self.model_ref
+        return tags
+
+
+def load_explainer(options: ModelOptions) -> Explainer:
+    """Load the model of `options` and check its explain settings once."""
+    o = options
+    model = o.model if o.model is not None else find_latest_bundle()
+    bundle, bundle_name, model_ref = load_model(model, o.tracking_uri, o.device)
+    bundle = prepare_for_inference(bundle, o.compile_networks or bundle.config.explain.compile, o.fp32)
+    plans = tuple(
+        explain_settings(
+            bundle,
+            noise_level=level,
+            steps=o.steps,
+            scale=o.scale,
+            guidance=o.guidance,
+            residual=o.residual,
+            batch_size=o.batch_size,
+            encoding=o.encoding or "ddim",
+            seed=draw,
+            decoding=o.decoding,
+        )
+        for level in (list(o.ensemble_levels) if o.ensemble_levels else [o.noise_level])
+        for draw in range(o.draws)
+    )
+    identity = model_ref or bundle.train_run_id or str(Path(model).resolve())
+    threshold = o.threshold if o.threshold is not None else bundle.config.explain.threshold
+    return Explainer(bundle, plans, bundle_name, model_ref, identity, threshold)
+
+
+@dataclass(frozen=True)
+class StudyExplanation:
+    """One explained scan, its files written, not yet tracked.
+
+    Attributes:
+        stem: the outputs' stem (the first input's name, or one made from its SeriesInstanceUID when
+            that name holds a patient identifier).
+        outputs: every file (or DICOM folder) written.
+        private: the keys of `outputs` that carry the patient's identifiers (DICOM outputs): never
+            logged to MLflow.
+        identifiers: the scan's DICOM patient identifiers (none for other formats), for `redact`.
+    """
+
+    stem: str
+    outputs: dict[str, Path]
+    private: tuple[str, ...]
+    identifiers: tuple[str, ...]
+    params: dict[str, object]
+    metrics: dict[str, float]
+    pixel: PixelMetrics | None
+    baseline: PixelMetrics | None
+    explanation: ScanExplanation = field(repr=False)
+
+    @property
+    def logged(self) -> dict[str, Path]:
+        """The outputs that may go to MLflow."""
+        return {k: p for k, p in self.outputs.items() if k not in self.private}
+
+
 def _output_paths(stems: Sequence[str], out_dir: Path, ensemble: bool = False) -> dict[str, Path]:
     stem = stems[0]
     return {
@@ -120,50 +256,56 @@ def _output_paths(stems: Sequence[str], out_dir: Path, ensemble: bool = False) -
     }
 
 
-def run_explain(
-    request: ExplainRequest,
+def peak_slice(anomaly_map: np.ndarray, state: PreprocessState) -> float:
+    """The input-grid index of the slice holding the map's maximum, along the input axis that is sliced.
+
+    Args:
+        anomaly_map: (X, Y, Z) on the input grid.
+        state: how the scan was sliced.
+
+    Returns:
+        The 0-based index (as a float, for MLflow), NaN for a map without any positive score.
+    """
+    if not anomaly_map.size or float(anomaly_map.max()) <= 0:
+        return float("nan")
+    voxel = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+    through = next(i for i in range(3) if int(state.to_canonical[i, 0]) == state.slice_axis)
+    return float(voxel[through])
+
+
+def explain_study(
+    explainer: Explainer,
+    scans: Sequence[Path],
+    out_dir: Path,
+    mask: Path | None = None,
+    brainmask: Path | None = None,
+    overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     announce: Callable[[str], None] | None = None,
-) -> ExplainOutcome:
-    """Explain one scan: NIfTI maps, a montage and a JSON summary, all tracked in one MLflow run.
+    compute: bool = True,
+) -> StudyExplanation:
+    """Explain one scan with a loaded model: NIfTI maps, a montage, a JSON summary (and DICOM outputs for
+    a DICOM input) in out_dir.
 
-    `announce` is told the device, threads and precision before the work starts.
+    Every input is read and checked, and every output checked writable, before any work; then
+    `announce` is told what computes (unless `compute` is False: a cohort says it once) and why a
+    DICOM input gets no DICOM outputs.
     """
-    started = time.perf_counter()
-    started_at = time.time()
-    r = request
-    bundle, bundle_name, model_ref = load_model(r.model, r.tracking_uri, r.device)
-    bundle = prepare_for_inference(bundle, r.compile_networks or bundle.config.explain.compile, r.fp32)
+    bundle, plans = explainer.bundle, explainer.plans
     cfg = bundle.config
-    plans = [
-        explain_settings(
-            bundle,
-            noise_level=level,
-            steps=r.steps,
-            scale=r.scale,
-            guidance=r.guidance,
-            residual=r.residual,
-            batch_size=r.batch_size,
-            encoding=r.encoding or "ddim",
-            seed=draw,
-            decoding=r.decoding,
-        )
-        for level in (list(r.ensemble_levels) if r.ensemble_levels else [r.noise_level])
-        for draw in range(r.draws)
-    ]
-    settings = plans[0]
-    scan = load_scan(list(r.scans), expected_channels=cfg.data.image_channels)
+    scan = load_scan(list(scans), expected_channels=cfg.data.image_channels)
     check_input_kind(scan, bundle.extra.get("trained_on"))
-    truth = read_mask(r.mask, scan) if r.mask is not None else None
-    brain = read_mask(r.brainmask, scan) if r.brainmask is not None else None
+    truth = read_mask(mask, scan) if mask is not None else None
+    brain = read_mask(brainmask, scan) if brainmask is not None else None
     private = scan.identifiers()  # DICOM patient identifiers: into the DICOM outputs only, never MLflow
-    stems = [_public_stem(p, c, scan, private) for c, p in enumerate(r.scans)]
-    dicom = plan_dicom_outputs(scan, r.out_dir, stems)
-    outputs = {**_output_paths(stems, r.out_dir, len(plans) > 1), **dicom.paths}
+    stems = [_public_stem(p, c, scan, private) for c, p in enumerate(scans)]
+    dicom = plan_dicom_outputs(scan, out_dir, stems)
+    outputs = {**_output_paths(stems, out_dir, len(plans) > 1), **dicom.paths}
     for path in outputs.values():
-        check_writable(path, r.overwrite)
+        check_writable(path, overwrite)
     if announce is not None:
-        announce(f"compute: {compute_summary(model_device(bundle), settings.amp)}")
+        if compute:
+            announce(explainer.compute)
         if dicom.note:
             announce(dicom.note)
     ensemble = explain_scan_ensemble(bundle, scan, plans, brainmask=brain, progress=progress)
@@ -171,7 +313,7 @@ def run_explain(
     slices = explanation.slices
     region = explained_region(explanation.state) & explanation.foreground
     scores = explanation.anomaly_map[region]
-    threshold = r.threshold if r.threshold is not None else cfg.explain.threshold
+    threshold = explainer.threshold
     if threshold is None:
         threshold = float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
     # a classifier-free model has no classifier: no p(healthy) to report
@@ -188,6 +330,7 @@ def run_explain(
     metrics |= {
         "anomaly_max": float(explanation.anomaly_map.max()),
         "anomaly_mean": float(slices.anomaly_map.mean()),
+        "anomaly_peak_slice": peak_slice(explanation.anomaly_map, explanation.state),
         "slices_explained": float(len(explanation.state.kept)),
         "anomaly_threshold": threshold,
         "anomaly_volume_ml": float((explanation.anomaly_map > threshold).sum()) * scan.voxel_volume_ml,
@@ -208,7 +351,7 @@ def run_explain(
     save_like(explanation.anomaly_map, scan, outputs["anomaly_map"])
     if "uncertainty" in outputs:
         save_like(ensemble.uncertainty, scan, outputs["uncertainty"])
-    for c in range(len(r.scans)):
+    for c in range(len(scans)):
         save_like(explanation.healthy[c], scan, outputs[f"healthy_{c}" if c else "healthy"])
     order = torch.argsort(slices.anomaly_map.flatten(1).amax(dim=1), descending=True)
     rows = order[: cfg.explain.montage_slices].sort().values.tolist()
@@ -216,26 +359,72 @@ def run_explain(
     kept = explanation.state.kept.tolist()
     explain_montage(slices.x, slices.x_healthy, slices.anomaly_map, kept, rows, outputs["montage"], truth_slices)
     write_dicom_outputs(scan, explanation.anomaly_map, explanation.healthy, threshold, dicom)
-    params = _params(r, settings, bundle, bundle_name, model_ref, precision_name(model_device(bundle), settings.amp))
-    params.update(_ensemble_params(r, plans))
+    params = _params(scans, explainer) | _ensemble_params(plans)
     params = {k: redact(v, private) if isinstance(v, str) else v for k, v in params.items()}
     listed = {k: redact(str(v), private) for k, v in outputs.items()}
     summary = {"params": params, "metrics": metrics, "outputs": listed}
     atomic_write_bytes(json.dumps(summary, indent=2).encode(), outputs["summary"])
-    tags = {"adiff.train_run_id": bundle.train_run_id} if bundle.train_run_id else {}
-    if model_ref:
-        tags["adiff.model"] = model_ref
+    return StudyExplanation(
+        stems[0], outputs, tuple(dicom.paths), tuple(private), params, metrics, pixel, baseline, explanation
+    )
+
+
+def track_study(
+    uri: str,
+    explainer: Explainer,
+    run_name: str,
+    params: dict[str, object],
+    metrics: dict[str, float],
+    logged: dict[str, Path],
+    tags: dict[str, str] | None = None,
+    started_at: float | None = None,
+) -> str:
+    """Log an explained scan's params, metrics and files (`logged`: never the DICOM outputs) as one MLflow
+    run; returns its id."""
     with tracked_run(
-        r.tracking_uri, cfg.tracking.experiment, f"explain-{stems[0]}", "explain", tags, started_at=started_at
+        uri,
+        explainer.bundle.config.tracking.experiment,
+        run_name,
+        "explain",
+        {**explainer.tags(), **(tags or {})},
+        started_at=started_at,
     ) as run:
         run.log_params(params)
         run.log_metrics(metrics)
-        for key, path in outputs.items():
-            if key not in dicom.paths:  # DICOM outputs carry the patient's identifiers: never logged
-                run.log_artifact(path, "explain")
-        run.log_text(_run_description(params, metrics), "README.md")
-        run.set_tags({"mlflow.note.content": _run_description(params, metrics)})
-    return ExplainOutcome(run.run_id, outputs, metrics, pixel, baseline, time.perf_counter() - started, explanation)
+        for path in logged.values():
+            run.log_artifact(path, "explain")
+        description = _run_description(params, metrics)
+        run.log_text(description, "README.md")
+        run.set_tags({"mlflow.note.content": description})
+    return run.run_id
+
+
+def run_explain(
+    request: ExplainRequest,
+    progress: Callable[[int, int], None] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> ExplainOutcome:
+    """Explain one scan: NIfTI maps, a montage and a JSON summary, all tracked in one MLflow run.
+
+    `announce` is told the device, threads and precision before the work starts.
+    """
+    started = time.perf_counter()
+    started_at = time.time()
+    r = request
+    explainer = load_explainer(r)
+    study = explain_study(explainer, r.scans, r.out_dir, r.mask, r.brainmask, r.overwrite, progress, announce)
+    run_id = track_study(
+        r.tracking_uri, explainer, f"explain-{study.stem}", study.params, study.metrics, study.logged, None, started_at
+    )
+    return ExplainOutcome(
+        run_id,
+        study.outputs,
+        study.metrics,
+        study.pixel,
+        study.baseline,
+        time.perf_counter() - started,
+        study.explanation,
+    )
 
 
 def _public_stem(path: Path, channel: int, scan: Scan, private: Sequence[str]) -> str:
@@ -249,14 +438,8 @@ def _public_stem(path: Path, channel: int, scan: Scan, private: Sequence[str]) -
     return f"series-{hashlib.sha256(uid.encode()).hexdigest()[:10]}"
 
 
-def _params(
-    r: ExplainRequest,
-    settings: ExplainSettings,
-    bundle: ModelBundle,
-    bundle_name: str,
-    model_ref: str | None,
-    precision: str,
-) -> dict[str, object]:
+def _params(scans: Sequence[Path], explainer: Explainer) -> dict[str, object]:
+    settings, bundle = explainer.settings, explainer.bundle
     return {
         "noise_level": settings.noise_level,
         "scale": settings.scale,
@@ -264,11 +447,11 @@ def _params(
         "residual": settings.residual,
         "guidance": settings.guidance,
         "batch_size": settings.batch_size,
-        "precision": precision,
+        "precision": explainer.precision,
         "threads": torch.get_num_threads(),
-        "inputs": ";".join(p.name for p in r.scans),
-        "checkpoint": bundle_name,
-        "model": model_ref or "",
+        "inputs": ";".join(p.name for p in scans),
+        "checkpoint": explainer.bundle_name,
+        "model": explainer.model_ref or "",
         "bundle_version": bundle.package_version,
         **_method_params(bundle, settings),
     }
@@ -287,7 +470,7 @@ def _method_params(bundle: ModelBundle, settings: ExplainSettings) -> dict[str, 
     }
 
 
-def _ensemble_params(r: ExplainRequest, plans: Sequence[ExplainSettings]) -> dict[str, object]:
+def _ensemble_params(plans: Sequence[ExplainSettings]) -> dict[str, object]:
     """The encoding, decoding and ensemble of an explanation, as run parameters."""
     first = plans[0]
     params: dict[str, object] = {"encoding": first.encoding, "decoding": first.decoding}
@@ -301,7 +484,7 @@ def _ensemble_params(r: ExplainRequest, plans: Sequence[ExplainSettings]) -> dic
         params["harmonise_soft"] = h.soft
     if len(plans) > 1:
         params["ensemble_levels"] = "+".join(str(level) for level in dict.fromkeys(p.noise_level for p in plans))
-        params["ensemble_draws"] = r.draws
+        params["ensemble_draws"] = len({p.seed for p in plans})
         params["ensemble_members"] = len(plans)
     return params
 
