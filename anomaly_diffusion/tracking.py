@@ -46,6 +46,24 @@ def _is_locked(exc: BaseException) -> bool:
     return "database is locked" in str(exc)
 
 
+def _patiently(uri: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), tried again while the SQLite store is locked by another writer (see `_Patient`)."""
+    started = time.monotonic()
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            waited = time.monotonic() - started
+            if not _is_locked(exc):
+                raise
+            if waited >= LOCK_PATIENCE_S:
+                raise TrackingError(
+                    f"MLflow store {uri} is locked by another writer (database is locked; waited {waited:.0f} s); "
+                    "retry when it is free"
+                ) from exc
+            time.sleep(min(1.0, LOCK_PATIENCE_S - waited))
+
+
 class _Patient:
     """An MlflowClient whose calls wait out a SQLite store locked by another writer.
 
@@ -60,20 +78,7 @@ class _Patient:
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs), tried again while the store is locked."""
-        started = time.monotonic()
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                waited = time.monotonic() - started
-                if not _is_locked(exc):
-                    raise
-                if waited >= LOCK_PATIENCE_S:
-                    raise TrackingError(
-                        f"MLflow store {self._uri} is locked by another writer (database is locked; waited "
-                        f"{waited:.0f} s); retry when it is free"
-                    ) from exc
-                time.sleep(min(1.0, LOCK_PATIENCE_S - waited))
+        return _patiently(self._uri, fn, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
@@ -221,7 +226,7 @@ def make_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     try:
-        client = _Patient(MlflowClient(tracking_uri=uri), uri)
+        client = _Patient(_patiently(uri, MlflowClient, tracking_uri=uri), uri)
         client.search_experiments(max_results=1)
     except TrackingError:
         raise

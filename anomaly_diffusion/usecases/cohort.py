@@ -349,7 +349,9 @@ def _fingerprint(path: Path) -> list[int]:
 
 
 def _inputs(study: Study) -> dict[str, list[int]]:
-    return {str(p): _fingerprint(p) for p in (*study.images, study.mask, study.brainmask) if p is not None}
+    """Every input's fingerprint by absolute path (the same study from another working folder is the same)."""
+    paths = (*study.images, study.mask, study.brainmask)
+    return {str(p.resolve()): _fingerprint(p) for p in paths if p is not None}
 
 
 def read_record(out_dir: Path, subject: str) -> dict[str, Any] | None:
@@ -465,7 +467,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _explain_one(
-    explainer: Explainer, study: Study, request: CohortRequest, plan: _Plan, hooks: CohortHooks
+    explainer: Explainer, study: Study, request: CohortRequest, plan: _Plan, hooks: CohortHooks, rank: int = 0
 ) -> dict[str, Any]:
     """Explain one study into OUT/<study>, track it as a child run, write its record; a failure is recorded."""
     r = request
@@ -478,6 +480,7 @@ def _explain_one(
         "version": RECORD_VERSION,
         "study": study.subject,
         "attempt": plan.attempt,
+        "rank": rank,
         "parent_run_id": plan.parent_run_id,
         "run_id": None,
         "settings": _settings(explainer),
@@ -529,7 +532,9 @@ def _explain_one(
     return record
 
 
-def _track_one(explainer: Explainer, study: Study, request: CohortRequest, plan: _Plan) -> dict[str, Any]:
+def _track_one(
+    explainer: Explainer, study: Study, request: CohortRequest, plan: _Plan, rank: int = 0
+) -> dict[str, Any]:
     """Log a study whose outputs are complete as a child run of this cohort's parent (nothing is recomputed)."""
     record = read_record(request.out_dir, study.subject)
     assert record is not None
@@ -546,7 +551,7 @@ def _track_one(explainer: Explainer, study: Study, request: CohortRequest, plan:
         tags,
         record.get("started_at"),
     )
-    record.update(attempt=plan.attempt, parent_run_id=plan.parent_run_id)
+    record.update(attempt=plan.attempt, rank=rank, parent_run_id=plan.parent_run_id)
     _write_record(request.out_dir, record)
     return record
 
@@ -555,13 +560,14 @@ def _work(explainer: Explainer, request: CohortRequest, plan: _Plan, context: Di
     """This rank's share of the studies to do."""
     by_subject = {s.subject: s for s in plan.studies}
     mine = context.shard_list(list(plan.todo))
-    for subject, action in mine:
-        if hooks.studies is not None:
-            hooks.studies(_finished(request.out_dir, plan), len(plan.todo), subject)
+    for i, (subject, action) in enumerate(mine):
+        if hooks.studies is not None:  # under torchrun, count the other ranks' studies too
+            done = _finished(request.out_dir, plan) if context.active else i
+            hooks.studies(done, len(plan.todo), subject)
         if action == "explain":
-            _explain_one(explainer, by_subject[subject], request, plan, hooks)
+            _explain_one(explainer, by_subject[subject], request, plan, hooks, context.rank)
         else:
-            _track_one(explainer, by_subject[subject], request, plan)
+            _track_one(explainer, by_subject[subject], request, plan, context.rank)
 
 
 def _finished(out_dir: Path, plan: _Plan) -> int:
