@@ -31,18 +31,22 @@ for the others' records in OUT and writes the summary and the parent run's table
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import shutil
+import tempfile
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from anomaly_diffusion.data.dicom import DicomSource, redact
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.patterns import find_subjects, pattern_regex, resolve_pattern
 from anomaly_diffusion.distributed import SINGLE, DistContext
@@ -61,7 +65,6 @@ from anomaly_diffusion.usecases.explain import (
     ExplainRequest,
     explain_study,
     load_explainer,
-    output_paths,
     track_study,
 )
 
@@ -377,7 +380,7 @@ def _complete(record: dict[str, Any] | None, study: Study, out_dir: Path) -> str
         return "failed before"
     if record.get("inputs") != _inputs(study):
         return "its inputs changed"
-    missing = [n for n in record.get("outputs", {}).values() if not (out_dir / study.subject / n).is_file()]
+    missing = [n for n in record.get("outputs", {}).values() if not (out_dir / study.subject / n).exists()]
     return f"{missing[0]} is missing" if missing else None
 
 
@@ -453,17 +456,44 @@ def _previous_parent(request: CohortRequest, settings: dict[str, Any], say: Call
     return None
 
 
-def _clear_leftovers(folder: Path, names: Sequence[str]) -> None:
-    """Remove the temporary files of atomic writes that an interrupted process left (`files.atomic_write`)."""
+def _clear_leftovers(folder: Path) -> None:
+    """Remove what interrupted atomic writes left in a study's folder: hidden temporary files and folders
+    (`files.atomic_write`, `atomic_write_folder`); nothing else there starts with a dot."""
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.is_file() and any(path.name.startswith(f".{n}.") for n in names):
-                path.unlink(missing_ok=True)
+            if path.name.startswith("."):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if isinstance(exc, AdiffError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def dicom_identifiers(paths: Sequence[Path | None], max_files: int = 2000) -> tuple[str, ...]:
+    """The patient identifiers in the headers of the DICOM inputs among `paths` (files, or folders of files),
+    read without pixel data; for a study that failed before its scan was read (best effort)."""
+    import pydicom
+
+    datasets = []
+    for path in (p for p in paths if p is not None):
+        files = sorted(path.iterdir())[:max_files] if path.is_dir() else [path]
+        for file in files:
+            if file.is_file() and not file.name.startswith("."):
+                with suppress(Exception):  # not DICOM, unreadable: nothing to redact from it
+                    datasets.append(pydicom.dcmread(file, stop_before_pixels=True))
+    return DicomSource(tuple(datasets), (), False).identifiers() if datasets else ()
+
+
+def public_name(subject: str, identifiers: Sequence[str]) -> str:
+    """The study's name in MLflow: its id, or a hash of it when the id holds a patient identifier (a DICOM
+    folder named after the patient)."""
+    if redact(subject, identifiers) == subject:
+        return subject
+    return f"study-{hashlib.sha256(subject.encode()).hexdigest()[:10]}"
 
 
 def _explain_one(
@@ -472,8 +502,7 @@ def _explain_one(
     """Explain one study into OUT/<study>, track it as a child run, write its record; a failure is recorded."""
     r = request
     folder = r.out_dir / study.subject
-    expected = output_paths(study.images, folder)
-    _clear_leftovers(folder, [p.name for p in expected.values()] + [RECORD])
+    _clear_leftovers(folder)
     started_at, started = time.time(), time.perf_counter()
     record: dict[str, Any] = {
         "format": RECORD_FORMAT,
@@ -490,9 +519,13 @@ def _explain_one(
     error = study.problem
     result = None
     if error is None:
+
+        def say(text: str) -> None:
+            hooks.say(f"{study.subject}: {text}")
+
         try:
             result = explain_study(
-                explainer, study.images, folder, study.mask, study.brainmask, overwrite=True, progress=hooks.slices
+                explainer, study.images, folder, study.mask, study.brainmask, True, hooks.slices, say, compute=False
             )
         except (KeyboardInterrupt, TrackingError):
             raise
@@ -501,27 +534,34 @@ def _explain_one(
             if not isinstance(exc, AdiffError):  # a bug: keep the traceback beside the record
                 atomic_write_bytes(traceback.format_exc().encode(), folder / ERROR_LOG)
     record["seconds"] = time.perf_counter() - started
-    tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": study.subject}
     if result is None:
-        record.update(status="failed", error=error or "unknown error", outputs={}, metrics={}, params={})
+        identifiers = dicom_identifiers([*study.images, study.mask, study.brainmask])
+        name = public_name(study.subject, identifiers)
+        error = redact(error or "unknown error", identifiers)
+        record.update(status="failed", name=name, error=error, outputs={}, private=[], metrics={}, params={})
         _write_record(r.out_dir, record)
-        note = f"Could not explain study `{study.subject}`: {record['error']}"
+        note = f"Could not explain study `{name}`: {error}"
         experiment = explainer.bundle.config.tracking.experiment
-        record["run_id"] = failed_run(r.tracking_uri, experiment, study.subject, "explain", tags, note, started_at)
+        tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": name}
+        record["run_id"] = failed_run(r.tracking_uri, experiment, name, "explain", tags, note, started_at)
         _write_record(r.out_dir, record)
-        hooks.say(f"{study.subject}: failed: {record['error']}")
+        hooks.say(f"{study.subject}: failed: {error}")
         return record
     (folder / ERROR_LOG).unlink(missing_ok=True)
+    name = public_name(study.subject, result.identifiers)
     record.update(
         status="done",
+        name=name,
         error="",
         outputs={k: p.name for k, p in result.outputs.items()},
+        private=list(result.private),
         metrics=result.metrics,
         params=result.params,
     )
     _write_record(r.out_dir, record)  # complete but not tracked: a rerun only logs it
+    tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": name}
     record["run_id"] = track_study(
-        r.tracking_uri, explainer, study.subject, result.params, result.metrics, result.outputs, tags, started_at
+        r.tracking_uri, explainer, name, result.params, result.metrics, result.logged, tags, started_at
     )
     _write_record(r.out_dir, record)
     m = result.metrics
@@ -539,15 +579,17 @@ def _track_one(
     record = read_record(request.out_dir, study.subject)
     assert record is not None
     folder = request.out_dir / study.subject
-    outputs = {k: folder / n for k, n in record["outputs"].items()}
-    tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": study.subject}
+    private = set(record.get("private", []))
+    logged = {k: folder / n for k, n in record["outputs"].items() if k not in private}
+    name = str(record.get("name") or study.subject)
+    tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": name}
     record["run_id"] = track_study(
         request.tracking_uri,
         explainer,
-        study.subject,
+        name,
         record["params"],
         record["metrics"],
-        outputs,
+        logged,
         tags,
         record.get("started_at"),
     )
@@ -733,14 +775,18 @@ def run_cohort(
         hooks.say(explainer.compute + (f" x {context.world_size} processes" if context.active else ""))
         _work(explainer, r, plan, context, hooks)
         _wait_for_others(r, plan, hooks)
-        rows = most_abnormal_first([_row(s, read_record(r.out_dir, s.subject)) for s in plan.studies])
+        records = {s.subject: read_record(r.out_dir, s.subject) for s in plan.studies}
+        rows = most_abnormal_first([_row(s, records[s.subject]) for s in plan.studies])
+        # MLflow gets each study under its public name (`public_name`), never a patient identifier
+        names = {s: str((record or {}).get("name") or s) for s, record in records.items()}
+        public = [replace(row, study=names[row.study]) for row in rows]
         outputs = {"table": r.out_dir / SUMMARY_CSV, "state": r.out_dir / STATE}
         atomic_write_bytes(summary_csv(rows).encode(), outputs["table"])
         explained = sum(1 for _, action in plan.todo if action == "explain")
         seconds = time.perf_counter() - started
         failed = sum(row.status != "done" for row in rows)
         _write_state(r, explainer, plan, done=len(rows) - failed, failed=failed, finished_at=time.time())
-        _log_parent(parent, r, explainer, rows, outputs, explained, seconds, context, new)
+        _log_parent(parent, r, explainer, public, explained, seconds, context, new)
     return CohortOutcome(
         parent.run_id,
         tuple(rows),
@@ -762,7 +808,6 @@ def _log_parent(
     request: CohortRequest,
     explainer: Explainer,
     rows: Sequence[StudyRow],
-    outputs: dict[str, Path],
     explained: int,
     seconds: float,
     context: DistContext,
@@ -787,7 +832,8 @@ def _log_parent(
         metrics["studies_per_hour"] = explained / seconds * 3600
     parent.log_metrics(metrics)
     parent.log_table({c: [getattr(r, c) for r in rows] for c in COLUMNS}, TABLE_ARTIFACT)
-    parent.log_artifact(outputs["table"])
+    with tempfile.TemporaryDirectory(prefix="adiff-cohort-") as folder:
+        parent.log_artifact(atomic_write_bytes(summary_csv(rows).encode(), Path(folder) / SUMMARY_CSV))
     description = _markdown(rows, request.source.describe())
     parent.set_tags(
         {

@@ -7,6 +7,7 @@ scans; a real SQLite MLflow store.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import signal
@@ -214,31 +215,46 @@ def test_broken_studies_are_recorded_and_the_cohort_goes_on(tmp_path: Path, trac
     assert all(r["status"] == "done" for r in _table(out))
 
 
+def _store_text(db: Path) -> str:
+    """Every value of every table of the SQLite MLflow store, as text."""
+    with sqlite3.connect(db) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        cells = [str(v) for t in tables for row in connection.execute(f'SELECT * FROM "{t}"') for v in row]
+    return "\n".join(cells)
+
+
 def test_a_study_folder_mixing_dicom_series_fails_alone_and_no_identifier_reaches_mlflow(
     tmp_path: Path, tracking_uri: str
 ) -> None:
+    """DICOM studies in folders named by the user; two of them named after the patient (a PACS export)."""
     data = tmp_path / "dicom"
     stored = _stored_volume((24, 20, 6))
-    for subject in ("a", "b", "c"):
+    for subject in ("a", PATIENT_NAME, PATIENT_ID):
         _write_series(data / subject / "series", stored)
     _write_series(tmp_path / "other", stored, series_uid="1.2.3.4.9")
     for file in (tmp_path / "other").iterdir():
-        file.rename(data / "b" / "series" / f"X{file.name}")  # b's folder now mixes two series
+        file.rename(data / PATIENT_NAME / "series" / f"X{file.name}")  # this folder now mixes two series
     out = tmp_path / "out"
     bundle = _bundle(tmp_path / "bundle.pt")
     code, output = _explain(
         data, "--channel", "{id}/series", "--checkpoint", bundle, "--out", out, "--tracking-uri", tracking_uri
     )
     assert code == 1
-    assert _last_line_error(output).startswith("error: 1 of 3 studies could not be explained (b)")
-    rows = {r["study"]: r for r in _table(out)}
-    assert rows["a"]["status"] == rows["c"]["status"] == "done"
-    assert "2 DICOM series" in rows["b"]["error"]
-    stored_text = [p.read_text() for p in out.rglob("*.json")] + [(out / "cohort.csv").read_text()]
-    for run in _runs(tracking_uri):
-        stored_text += [run.info.run_name, json.dumps(run.data.params), json.dumps(run.data.tags)]
-    for text in stored_text:
-        assert PATIENT_NAME not in text and PATIENT_ID not in text and "Doe" not in text
+    assert _last_line_error(output).startswith(f"error: 1 of 3 studies could not be explained ({PATIENT_NAME})")
+    rows = {r["study"]: r for r in _table(out)}  # the local table keeps the user's folder names
+    assert rows["a"]["status"] == rows[PATIENT_ID]["status"] == "done"
+    assert "2 DICOM series" in rows[PATIENT_NAME]["error"]
+    runs = _runs(tracking_uri)
+    children = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert children[0] == "a" and all(name.startswith("study-") for name in children[1:]), children
+    store = _store_text(Path(tracking_uri.removeprefix("sqlite:///"))).lower()
+    artifacts = [p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()]
+    assert any(p.name == "cohort_summary.json" for p in artifacts)
+    texts = [gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes() for p in artifacts]
+    for value in ("doe", "jane", "778899"):
+        assert value not in store, value
+        for path, text in zip(artifacts, texts, strict=True):
+            assert value.encode() not in text.lower(), (value, path)
 
 
 def _hold_lock(out: Path) -> subprocess.Popen[str]:
