@@ -159,12 +159,21 @@ def explain(
     fp32: Fp32 = False,
     residual: ResidualOption = None,
     guidance: GuidanceOption = None,
+    review_slices: Annotated[
+        int | None,
+        typer.Option(
+            "--review-slices",
+            min=0,
+            help="Log at most N explained slices as review images (input, counterfactual, map; one step per "
+            "slice in the run's Model metrics tab), every k-th if there are more; 0: none. Default: 200.",
+        ),
+    ] = None,
     threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Explain a scan: healthy counterfactual + anomaly map, written in the input's space."""
     set_threads(threads)
-    from anomaly_diffusion.usecases.explain import ExplainRequest, run_explain
+    from anomaly_diffusion.usecases.explain import REVIEW_SLICES, ExplainRequest, run_explain
 
     request = ExplainRequest(
         scans=scans,
@@ -184,6 +193,7 @@ def explain(
         device=device,
         compile_networks=compile_networks,
         fp32=fp32,
+        review_slices=REVIEW_SLICES if review_slices is None else review_slices,
     )
     with progress_bars() as progress:
         outcome = run_explain(request, slice_progress(progress), announce)
@@ -362,17 +372,19 @@ def ui(
     """Start the MLflow UI for the tracking store on 127.0.0.1 (Ctrl-C or SIGTERM stops it and its workers)."""
     import signal
 
-    from anomaly_diffusion.tracking import free_port, start_ui, stop_ui
+    from anomaly_diffusion.config import TrackingConfig
+    from anomaly_diffusion.tracking import free_port, start_ui, stop_ui, ui_url
 
     uri = tracking_store(tracking_uri)
     chosen = free_port(port)
+    url = ui_url(f"http://127.0.0.1:{chosen}", uri, TrackingConfig().experiment)  # before the server migrates the store
     process = start_ui(uri, "127.0.0.1", chosen)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    out.print(f"MLflow UI for {uri}: http://127.0.0.1:{chosen}  (Ctrl-C to stop)", highlight=False)
+    out.print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", highlight=False)
     try:
         process.wait()
     except KeyboardInterrupt:

@@ -21,11 +21,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from anomaly_diffusion import __version__
 from anomaly_diffusion.errors import TrackingError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 _SQLITE = "sqlite:///"
@@ -42,6 +45,11 @@ def artifact_root_for(uri: str) -> str | None:
         db = Path(uri[len(_SQLITE) :]).expanduser().resolve()
         return (db.parent / "mlartifacts").as_uri()
     return None
+
+
+def _missing_sqlite(uri: str) -> bool:
+    """Whether `uri` is a SQLite store whose file does not exist yet (opening it would create it)."""
+    return uri.startswith(_SQLITE) and not Path(uri[len(_SQLITE) :]).expanduser().is_file()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -78,6 +86,9 @@ class RunLogger(Protocol):
 
     def log_text(self, text: str, name: str) -> None:
         """Store text as an artifact."""
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """Log an (H, W) grey or (H, W, 3) RGB uint8 image as step `step` of the image series `key`."""
 
 
 class MlflowRunLogger:
@@ -126,6 +137,11 @@ class MlflowRunLogger:
         """Store text as an artifact."""
         self._client.log_text(self.run_id, text, name)
 
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """Log an image as step `step` of the series `key`: the run page's Model metrics tab shows one
+        chart per key with a step slider (and the image full size on click)."""
+        self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """For an http(s) store, fail fast when nothing listens (MLflow itself retries for minutes)."""
@@ -158,13 +174,28 @@ def make_client(uri: str) -> Any:
     return client
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's experiment kind for model training (the alternative is 'genai_development').
+
+UIs that read the tag open the experiment in the model-training view (runs, metrics, images)
+instead of the GenAI one (traces, "Evaluation runs"). MLflow 3.17's own UI ignores it and follows
+its sidebar switch, which `?workflowType=machine_learning` in the URL sets (`ui_url`)."""
+
+
 def _experiment_id(client: Any, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older adiff: declare it (never override)
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(experiment.experiment_id)
-    return str(client.create_experiment(name, artifact_location=artifact_root_for(uri)))
+    return str(
+        client.create_experiment(
+            name, artifact_location=artifact_root_for(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    )
 
 
 def git_commit(path: Path) -> str | None:
@@ -270,6 +301,20 @@ def fetch_registered_bundle(uri: str, model_uri: str, folder: Path) -> tuple[Pat
     if not bundle.is_file():
         raise TrackingError(f"{model_uri}: the registered artifacts hold no bundle.pt")
     return bundle, f"{found.name}/{found.version}"
+
+
+def ui_url(base: str, uri: str, experiment: str) -> str:
+    """Where `adiff ui` sends people: the experiment's runs in MLflow's model-training view, when the
+    store has it (else the UI's home page)."""
+    if _missing_sqlite(uri):
+        return base
+    try:
+        found = make_client(uri).get_experiment_by_name(experiment)
+    except TrackingError:
+        found = None
+    if found is None or found.lifecycle_stage == "deleted":
+        return base
+    return f"{base}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
 def free_port(start: int, host: str = "127.0.0.1", tries: int = 50) -> int:

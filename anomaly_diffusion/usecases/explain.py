@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -16,16 +17,21 @@ from skimage.filters import threshold_otsu
 from anomaly_diffusion.data.dicom import redact
 from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
 from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
-from anomaly_diffusion.data.transforms import explained_region, mask_to_slices, normalise
+from anomaly_diffusion.data.transforms import explained_region, normalise
 from anomaly_diffusion.explain import ExplainSettings, explain_scan, explain_settings
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
 from anomaly_diffusion.models.bundle import ModelBundle
-from anomaly_diffusion.plots import explain_montage
+from anomaly_diffusion.plots import SliceViews, explain_montage, slice_views
 from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference
-from anomaly_diffusion.scans import ScanExplanation
+from anomaly_diffusion.scans import InputPlanes, ScanExplanation, input_planes
 from anomaly_diffusion.tracking import tracked_run
 from anomaly_diffusion.usecases.common import load_model, output_stem
+
+REVIEW_SLICES = 200
+"""Default cap on the slices logged for review: every explained slice of a brain MRI (BraTS: 130-145)."""
+REVIEW_KEYS = ("review/1_input", "review/2_counterfactual", "review/3_map")
+"""The run's image series, one per view, each stepped by the input's slice number (the UI sorts charts by key)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class ExplainRequest:
         mask: a ground-truth lesion mask (adds Dice/AUPRC against it); brainmask: the foreground.
         threshold: anomaly-volume threshold (None: the model's, else Otsu on this scan).
         compile_networks, fp32: `runtime.prepare_for_inference` options.
+        review_slices: at most this many explained slices are logged as per-slice review images
+            (every k-th when there are more), 0 none.
     """
 
     scans: Sequence[Path]
@@ -58,6 +66,7 @@ class ExplainRequest:
     device: str = "auto"
     compile_networks: bool = False
     fp32: bool = False
+    review_slices: int = REVIEW_SLICES
 
 
 @dataclass(frozen=True)
@@ -157,11 +166,12 @@ def run_explain(
     save_like(explanation.anomaly_map, scan, outputs["anomaly_map"])
     for c in range(len(r.scans)):
         save_like(explanation.healthy[c], scan, outputs[f"healthy_{c}" if c else "healthy"])
-    order = torch.argsort(slices.anomaly_map.flatten(1).amax(dim=1), descending=True)
-    rows = order[: cfg.explain.montage_slices].sort().values.tolist()
-    truth_slices = mask_to_slices(truth, explanation.state) if truth is not None else None
-    kept = explanation.state.kept.tolist()
-    explain_montage(slices.x, slices.x_healthy, slices.anomaly_map, kept, rows, outputs["montage"], truth_slices)
+    planes = input_planes(scan, explanation, cfg.data, truth)
+    vmax = metrics["anomaly_max"]
+    peaks = planes.anomaly_map[..., planes.kept].max(axis=(0, 1))
+    rows = np.sort(planes.kept[np.argsort(-peaks, kind="stable")[: cfg.explain.montage_slices]])
+    explain_montage([(int(planes.numbers[k]), _views(planes, k, vmax)) for k in rows], vmax, outputs["montage"])
+    review = review_selection(planes.kept, r.review_slices)
     write_dicom_outputs(scan, explanation.anomaly_map, explanation.healthy, threshold, dicom)
     params = _params(r, settings, bundle, bundle_name, model_ref, precision_name(model_device(bundle), settings.amp))
     params = {k: redact(v, private) if isinstance(v, str) else v for k, v in params.items()}
@@ -179,8 +189,18 @@ def run_explain(
         for key, path in outputs.items():
             if key not in dicom.paths:  # DICOM outputs carry the patient's identifiers: never logged
                 run.log_artifact(path, "explain")
+        for k in review:
+            views = _views(planes, int(k), vmax)
+            # the grey views as one channel: a third of the bytes to encode (PNG and WebP) and to store
+            grey_and_overlay = (views.input[..., 0], views.healthy[..., 0], views.overlay)
+            for key, image in zip(REVIEW_KEYS, grey_and_overlay, strict=True):
+                run.log_image(image, key, step=int(planes.numbers[k]))
         run.log_text(_run_description(params, metrics), "README.md")
-        run.set_tags({"mlflow.note.content": _run_description(params, metrics)})
+        review_text, montage_text = _review_pointer(
+            run.run_id, planes.numbers[review], len(planes.kept), r.review_slices, outputs["montage"].name
+        )
+        description = f"{review_text}{_run_description(params, metrics)}{montage_text}"
+        run.set_tags({"mlflow.note.content": description})
     return ExplainOutcome(run.run_id, outputs, metrics, pixel, baseline, time.perf_counter() - started, explanation)
 
 
@@ -193,6 +213,38 @@ def _public_stem(path: Path, channel: int, scan: Scan, private: Sequence[str]) -
     source = scan.dicom[channel] if channel < len(scan.dicom) else None
     uid = str(source.datasets[0].get("SeriesInstanceUID", "")) if source is not None else str(path)
     return f"series-{hashlib.sha256(uid.encode()).hexdigest()[:10]}"
+
+
+def review_selection(kept: np.ndarray, cap: int) -> np.ndarray:
+    """The explained slices to log for review: all of `kept`, every k-th (k = ceil(n / cap)) when there
+    are more than `cap`, none for cap 0."""
+    if cap <= 0:
+        return kept[:0]
+    return kept[:: max(1, -(-kept.size // cap))]
+
+
+def _views(planes: InputPlanes, k: int, vmax: float) -> SliceViews:
+    """Canonical slice k of `planes` as the three review images."""
+    truth = planes.truth[..., k] if planes.truth is not None else None
+    return slice_views(planes.image[..., k], planes.healthy[..., k], planes.anomaly_map[..., k], vmax, truth)
+
+
+def _review_pointer(run_id: str, numbers: np.ndarray, explained: int, cap: int, montage: str) -> tuple[str, str]:
+    """The run description's parts (markdown) that send a reviewer to the per-slice images (first, as
+    the run page folds long descriptions) and show the montage (last)."""
+    source = f"get-artifact?path={quote(f'explain/{montage}')}&run_uuid={run_id}"
+    shown = f"\n\nThe most anomalous slices (`explain/{montage}`):\n\n![montage]({source})"
+    if numbers.size == 0:
+        return "", shown
+    every = "" if numbers.size == explained else f" (one in {-(-explained // cap)} of {explained})"
+    review = (
+        f"**Slice review**: tab *Model metrics*, section *review*: input, healthy counterfactual and map for "
+        f"{numbers.size} explained slices{every}, the step being the slice number in the input file "
+        f"({int(numbers.min())} to {int(numbers.max())}). "
+        + ("The charts open at step 0, before the first: " if numbers.min() > 0 else "")
+        + "move a slider or type a slice number; click an image for full size.\n\n"
+    )
+    return review, shown
 
 
 def _params(
