@@ -20,9 +20,11 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from anomaly_diffusion import __version__
 from anomaly_diffusion.errors import TrackingError
@@ -301,6 +303,63 @@ def fetch_registered_bundle(uri: str, model_uri: str, folder: Path) -> tuple[Pat
     if not bundle.is_file():
         raise TrackingError(f"{model_uri}: the registered artifacts hold no bundle.pt")
     return bundle, f"{found.name}/{found.version}"
+
+
+@dataclass(frozen=True)
+class TrainedBundle:
+    """The bundle of a finished training run in a tracking store.
+
+    Attributes:
+        path: the bundle file (in the store's own artifact folder when it is local, else downloaded).
+        run_id, run_name: the training run.
+        finished: its end time, seconds since the epoch.
+    """
+
+    path: Path
+    run_id: str
+    run_name: str
+    finished: float
+
+
+BUNDLE_ARTIFACT = "model/bundle.pt"
+
+
+def _local_artifact(artifact_uri: str, relative: str) -> Path | None:
+    """A run artifact's file path when the artifact store is a local folder, else None."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path)) / relative
+    return Path(artifact_uri) / relative if parsed.scheme == "" else None
+
+
+def newest_trained_bundle(uri: str, folder: Path, candidates: int = 20) -> TrainedBundle | None:
+    """The newest FINISHED training run (tag adiff.kind=train) of any active experiment whose bundle
+    artifact exists; remote artifacts are downloaded into `folder`. None when there is none, or when
+    `uri` is a SQLite file that does not exist yet (the lookup never creates a store)."""
+    if _missing_sqlite(uri):
+        return None
+    client = make_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(
+        experiments,
+        filter_string="tags.`adiff.kind` = 'train' AND attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"],
+        max_results=candidates,
+    )
+    for run in runs:
+        local = _local_artifact(run.info.artifact_uri, BUNDLE_ARTIFACT)
+        if local is not None:
+            if not local.is_file():
+                continue
+            path = local
+        else:
+            if BUNDLE_ARTIFACT not in {a.path for a in client.list_artifacts(run.info.run_id, "model")}:
+                continue
+            path = Path(client.download_artifacts(run.info.run_id, BUNDLE_ARTIFACT, str(folder)))
+        return TrainedBundle(path, run.info.run_id, run.info.run_name, (run.info.end_time or 0) / 1000)
+    return None
 
 
 def ui_url(base: str, uri: str, experiment: str) -> str:

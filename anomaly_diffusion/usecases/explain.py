@@ -104,7 +104,7 @@ def run_explain(
     started = time.perf_counter()
     started_at = time.time()
     r = request
-    bundle, bundle_name, model_ref = load_model(r.model, r.tracking_uri, r.device)
+    bundle, bundle_name, model_ref = load_model(r.model, r.tracking_uri, r.device, announce)
     bundle = prepare_for_inference(bundle, r.compile_networks or bundle.config.explain.compile, r.fp32)
     cfg = bundle.config
     settings = explain_settings(
