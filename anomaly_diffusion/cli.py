@@ -199,6 +199,15 @@ def explain(
     draws: Annotated[
         int, typer.Option("--draws", min=1, help="Draws of a stochastic --encoding averaged per level (seeds 0..N-1).")
     ] = 1,
+    review_slices: Annotated[
+        int | None,
+        typer.Option(
+            "--review-slices",
+            min=0,
+            help="Log at most N explained slices as review images (input, counterfactual, map; one step per "
+            "slice in the run's Model metrics tab), every k-th if there are more; 0: none. Default: 200.",
+        ),
+    ] = None,
     threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -209,7 +218,7 @@ def explain(
     """
     set_threads(threads)
     from anomaly_diffusion.usecases.cohort import CohortRequest, cohort_source
-    from anomaly_diffusion.usecases.explain import ExplainRequest, parse_levels, run_explain
+    from anomaly_diffusion.usecases.explain import REVIEW_SLICES, ExplainRequest, parse_levels, run_explain
 
     request = ExplainRequest(
         scans=scans,
@@ -233,6 +242,7 @@ def explain(
         decoding=decoding,
         ensemble_levels=parse_levels(ensemble) if ensemble else (),
         draws=draws,
+        review_slices=REVIEW_SLICES if review_slices is None else review_slices,
     )
     source = cohort_source(scans, channels or [], mask, brainmask)
     if source is not None:
@@ -450,17 +460,19 @@ def ui(
     """Start the MLflow UI for the tracking store on 127.0.0.1 (Ctrl-C or SIGTERM stops it and its workers)."""
     import signal
 
-    from anomaly_diffusion.tracking import free_port, start_ui, stop_ui
+    from anomaly_diffusion.config import TrackingConfig
+    from anomaly_diffusion.tracking import free_port, start_ui, stop_ui, ui_url
 
     uri = tracking_store(tracking_uri)
     chosen = free_port(port)
+    url = ui_url(f"http://127.0.0.1:{chosen}", uri, TrackingConfig().experiment)  # before the server migrates the store
     process = start_ui(uri, "127.0.0.1", chosen)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    out.print(f"MLflow UI for {uri}: http://127.0.0.1:{chosen}  (Ctrl-C to stop)", highlight=False)
+    out.print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", highlight=False)
     try:
         process.wait()
     except KeyboardInterrupt:

@@ -1,8 +1,10 @@
-"""PNG figures for people: the explain montage (input | counterfactual | map over input)."""
+"""Images for people: per-slice views and the explain montage (input | counterfactual | map over input), curves."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,42 +24,113 @@ def _show(axis: plt.Axes, image: np.ndarray, **kwargs: Any) -> None:
     axis.set_axis_off()
 
 
-def explain_montage(
-    x: torch.Tensor,
-    x_healthy: torch.Tensor,
-    anomaly_map: torch.Tensor,
-    slice_numbers: list[int],
-    rows: list[int],
-    path: Path,
-    truth: torch.Tensor | None = None,
-) -> Path:
-    """One row per chosen slice: input | healthy counterfactual | anomaly map over the input.
+GREY_WINDOW = (-1.0, 2.0)
+"""Normalised intensities shown black to white (foreground percentiles at -1 and 1; headroom for bright lesions)."""
+MAP_FLOOR = 0.1
+"""Map values below this fraction of the colour scale's top are not painted over the scan."""
+MAP_ALPHA = 0.7
+OUTLINE_RGB = (0, 255, 255)
+_HOT = (matplotlib.colormaps["hot"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class SliceViews:
+    """One slice as people look at it, each (H, W, 3) uint8 RGB at the input's resolution.
+
+    Displayed as the montages always were: the plane's first canonical axis runs left to right,
+    its second bottom to top (for an axial slice: the subject's right on the right, anterior up).
+
+    Attributes:
+        input: the scan, grey.
+        healthy: its healthy counterfactual, same window.
+        overlay: the anomaly map (`hot`, 0 to the scale's top) over the scan, with the lesion
+            mask's outline in cyan when a mask is given.
+    """
+
+    input: np.ndarray
+    healthy: np.ndarray
+    overlay: np.ndarray
+
+
+def _display(plane: np.ndarray) -> np.ndarray:
+    """(A, B) canonical plane -> (B, A) image rows top to bottom (as imshow(plane.T, origin='lower'))."""
+    return plane.T[::-1]
+
+
+def _grey(plane: np.ndarray) -> np.ndarray:
+    low, high = GREY_WINDOW
+    level = np.clip((plane - low) / (high - low) * 255, 0, 255).round().astype(np.uint8)
+    return np.repeat(level[..., None], 3, axis=-1)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The inner boundary of a 2D mask: its pixels with a 4-neighbour outside it (the image edge counts as outside)."""
+    inside = np.pad(mask.astype(bool), 1, constant_values=False)
+    interior = inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+    return mask.astype(bool) & ~interior
+
+
+def slice_views(
+    image: np.ndarray,
+    healthy: np.ndarray,
+    anomaly_map: np.ndarray,
+    vmax: float,
+    truth: np.ndarray | None = None,
+) -> SliceViews:
+    """Render one (A, B) plane of `scans.InputPlanes` as three RGB images, pixel for voxel.
 
     Args:
-        x, x_healthy: (N, C, S, S) model-resolution slices (channel 0 is shown).
-        anomaly_map: (N, S, S).
-        slice_numbers: the input's slice index of each of the N slices (for titles).
-        rows: which of the N slices to show.
-        path: PNG file to write.
-        truth: optional (N, S, S) lesion masks, drawn as a contour on the map.
+        image, healthy: normalised intensities, shown in `GREY_WINDOW`.
+        anomaly_map: scores >= 0; painted with `hot` on [0, vmax] at `MAP_ALPHA` where >= MAP_FLOOR * vmax.
+        vmax: the colour scale's top (the same for every slice of a scan, so slices compare).
+        truth: optional bool lesion mask, drawn as its one-pixel outline.
     """
-    vmax = float(anomaly_map[rows].max()) if rows else 1.0
-    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
-    for r, i in enumerate(rows):
-        base = x[i, 0].numpy()
-        _show(axes[r, 0], base, cmap="gray", vmin=-1, vmax=2)
-        _show(axes[r, 1], x_healthy[i, 0].numpy(), cmap="gray", vmin=-1, vmax=2)
-        _show(axes[r, 2], base, cmap="gray", vmin=-1, vmax=2)
-        overlay = np.ma.masked_less(anomaly_map[i].numpy(), 0.1 * vmax)
-        _show(axes[r, 2], overlay, cmap="hot", vmin=0, vmax=max(vmax, 1e-6), alpha=0.7)
-        if truth is not None and truth[i].any():
-            axes[r, 2].contour(truth[i].numpy().T.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
-        axes[r, 0].set_title(f"slice {slice_numbers[i]}: input", fontsize=9)
-        axes[r, 1].set_title("healthy counterfactual", fontsize=9)
-        axes[r, 2].set_title("anomaly map", fontsize=9)
-    figure.tight_layout()
+    base = _grey(_display(image))
+    scores = _display(anomaly_map)
+    top = max(float(vmax), 1e-12)
+    overlay = base.copy()
+    painted = scores >= MAP_FLOOR * top
+    colour = _HOT[np.clip(scores / top * 255, 0, 255).astype(np.uint8)]
+    overlay[painted] = (MAP_ALPHA * colour[painted] + (1 - MAP_ALPHA) * base[painted]).round().astype(np.uint8)
+    if truth is not None:
+        overlay[outline(_display(truth))] = OUTLINE_RGB
+    return SliceViews(input=base, healthy=_grey(_display(healthy)), overlay=overlay)
+
+
+MONTAGE_MIN_PANEL = 160
+"""Inputs smaller than this (pixels) are enlarged by a whole factor in the montage, each voxel a block."""
+
+
+def explain_montage(rows: Sequence[tuple[int, SliceViews]], vmax: float, path: Path) -> Path:
+    """One row per slice: input | healthy counterfactual | map over the input, pixel for voxel.
+
+    Args:
+        rows: (the input's slice number, its views), top to bottom; all views of one shape.
+        vmax: the map's colour scale top (for the column title).
+        path: PNG file to write.
+    """
+    height, width = rows[0][1].input.shape[:2] if rows else (MONTAGE_MIN_PANEL, MONTAGE_MIN_PANEL)
+    zoom = max(1, -(-MONTAGE_MIN_PANEL // max(height, width)))
+    h, w = height * zoom, width * zoom
+    dpi, gap, title = 100, 8, 22
+    fig_w, row_h = 3 * w + 4 * gap, h + title
+    fig_h = max(len(rows), 1) * row_h + gap
+    figure = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
+    for r, (number, views) in enumerate(rows):
+        top = fig_h - r * row_h - title
+        panels = (
+            (views.input, f"slice {number}: input"),
+            (views.healthy, "healthy counterfactual"),
+            (views.overlay, f"anomaly map (0 to {vmax:.3g})"),
+        )
+        for c, (rgb, name) in enumerate(panels):
+            left = gap + c * (w + gap)
+            axis = figure.add_axes((left / fig_w, (top - h) / fig_h, w / fig_w, h / fig_h))
+            axis.imshow(np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1), interpolation="none")
+            axis.set_axis_off()
+            figure.text((left + w / 2) / fig_w, (top + 4) / fig_h, name, ha="center", va="bottom", fontsize=9)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     return atomic_write_bytes(buffer.getvalue(), path)
 

@@ -14,8 +14,11 @@ from anomaly_diffusion.data.transforms import (
     denormalise_delta,
     fit_preprocess,
     foreground_mask,
+    input_slice_numbers,
     mask_to_slices,
+    normalise,
     to_input_grid,
+    to_plane_stack,
     to_slices,
 )
 from anomaly_diffusion.errors import InputError
@@ -102,4 +105,52 @@ def assemble_scan(scan: Scan, prepared: PreparedScan, result: SliceExplanation) 
         state=state,
         foreground=prepared.foreground,
         slice_foreground=prepared.slice_foreground,
+    )
+
+
+@dataclass(frozen=True)
+class InputPlanes:
+    """An explained scan as slices at the input's own resolution, for people to look at.
+
+    Each array is (A, B, N): the canonical in-plane axes of `to_plane_stack` cropped to the square
+    the model saw (clipped to the image), slices last and numbered as `state.kept`. Nothing is
+    resampled: one pixel is one input voxel.
+
+    Attributes:
+        image, healthy: channel 0 of the scan and of its healthy counterfactual, in normalised
+            units (the foreground's intensity percentiles at -1 and 1, clipped as for the model).
+        anomaly_map: the anomaly map.
+        truth: the lesion mask (bool), or None.
+        kept: canonical indices of the slices the model explained, (N_kept,).
+        numbers: the input file's voxel index along its sliced axis of each canonical slice, (N,).
+    """
+
+    image: np.ndarray
+    healthy: np.ndarray
+    anomaly_map: np.ndarray
+    truth: np.ndarray | None
+    kept: np.ndarray
+    numbers: np.ndarray
+
+
+def input_planes(
+    scan: Scan, explanation: ScanExplanation, cfg: DataConfig, truth: np.ndarray | None = None
+) -> InputPlanes:
+    """The scan, its counterfactual, its map and the lesion mask (X, Y, Z) as `InputPlanes`."""
+    state = explanation.state
+    first = replace(state, low=state.low[:1], high=state.high[:1])
+    a0, b0, side = state.box
+    a_len, b_len = state.plane_shape
+    window = (slice(max(a0, 0), min(a0 + side, a_len)), slice(max(b0, 0), min(b0 + side, b_len)))
+
+    def planes(volume: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(to_plane_stack(volume, state)[window])
+
+    return InputPlanes(
+        image=planes(normalise(scan.data[:1], first, cfg)[0]),
+        healthy=planes(normalise(explanation.healthy[:1], first, cfg)[0]),
+        anomaly_map=planes(explanation.anomaly_map),
+        truth=planes(truth.astype(bool)) if truth is not None else None,
+        kept=state.kept,
+        numbers=input_slice_numbers(state),
     )

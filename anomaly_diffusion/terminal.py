@@ -246,7 +246,8 @@ ModelRef = Annotated[
     typer.Option(
         "--checkpoint",
         "--model",
-        help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: newest in ./adiff_runs).",
+        help="Bundle file, models:/NAME/VERSION or models:/NAME@ALIAS (default: the newest bundle in "
+        "./adiff_runs or of the tracking store's newest finished training run).",
     ),
 ]
 BatchSize = Annotated[
@@ -376,8 +377,11 @@ def print_demo(outcome: Any) -> None:
         title = f"{case.kind} lesions ({LESION_KINDS[case.kind]}), held-out subject {case.subject}:"
         out.print(f"\n{title}", highlight=False)
         print_explain(case.explained)
+    import shlex
+
     out.print(
         f"training run: {outcome.trained.run_id}   store: {outcome.tracking_uri}   (adiff ui to browse)",
         highlight=False,
     )
     out.print(f"demo wall time: {outcome.seconds:.0f} s", highlight=False)
+    out.print(f"next, another held-out subject: {shlex.join(outcome.next_command)}", highlight=False, markup=False)

@@ -20,12 +20,17 @@ import sys
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from anomaly_diffusion import __version__
 from anomaly_diffusion.errors import TrackingError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 _SQLITE = "sqlite:///"
@@ -95,6 +100,11 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+def _missing_sqlite(uri: str) -> bool:
+    """Whether `uri` is a SQLite store whose file does not exist yet (opening it would create it)."""
+    return uri.startswith(_SQLITE) and not Path(uri[len(_SQLITE) :]).expanduser().is_file()
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {'section.key': 'value'} for MLflow params."""
     flat: dict[str, str] = {}
@@ -132,6 +142,9 @@ class RunLogger(Protocol):
 
     def log_table(self, columns: Mapping[str, Sequence[Any]], name: str) -> str:
         """Store a table (the run page's table view), replacing one of that name; returns the name used."""
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """Log an (H, W) grey or (H, W, 3) RGB uint8 image as step `step` of the image series `key`."""
 
 
 class MlflowRunLogger:
@@ -202,6 +215,11 @@ class MlflowRunLogger:
         self._client.log_table(self.run_id, data={k: list(v) for k, v in columns.items()}, artifact_file=chosen)
         return chosen
 
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """Log an image as step `step` of the series `key`: the run page's Model metrics tab shows one
+        chart per key with a step slider (and the image full size on click)."""
+        self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """For an http(s) store, fail fast when nothing listens (MLflow itself retries for minutes)."""
@@ -236,13 +254,28 @@ def make_client(uri: str) -> Any:
     return client
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's experiment kind for model training (the alternative is 'genai_development').
+
+UIs that read the tag open the experiment in the model-training view (runs, metrics, images)
+instead of the GenAI one (traces, "Evaluation runs"). MLflow 3.17's own UI ignores it and follows
+its sidebar switch, which `?workflowType=machine_learning` in the URL sets (`ui_url`)."""
+
+
 def _experiment_id(client: Any, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older adiff: declare it (never override)
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(experiment.experiment_id)
-    return str(client.create_experiment(name, artifact_location=artifact_root_for(uri)))
+    return str(
+        client.create_experiment(
+            name, artifact_location=artifact_root_for(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    )
 
 
 def git_commit(path: Path) -> str | None:
@@ -399,6 +432,77 @@ def fetch_registered_bundle(uri: str, model_uri: str, folder: Path) -> tuple[Pat
     if not bundle.is_file():
         raise TrackingError(f"{model_uri}: the registered artifacts hold no bundle.pt")
     return bundle, f"{found.name}/{found.version}"
+
+
+@dataclass(frozen=True)
+class TrainedBundle:
+    """The bundle of a finished training run in a tracking store.
+
+    Attributes:
+        path: the bundle file (in the store's own artifact folder when it is local, else downloaded).
+        run_id, run_name: the training run.
+        finished: its end time, seconds since the epoch.
+    """
+
+    path: Path
+    run_id: str
+    run_name: str
+    finished: float
+
+
+BUNDLE_ARTIFACT = "model/bundle.pt"
+
+
+def _local_artifact(artifact_uri: str, relative: str) -> Path | None:
+    """A run artifact's file path when the artifact store is a local folder, else None."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path)) / relative
+    return Path(artifact_uri) / relative if parsed.scheme == "" else None
+
+
+def newest_trained_bundle(uri: str, folder: Path, candidates: int = 20) -> TrainedBundle | None:
+    """The newest FINISHED training run (tag adiff.kind=train) of any active experiment whose bundle
+    artifact exists; remote artifacts are downloaded into `folder`. None when there is none, or when
+    `uri` is a SQLite file that does not exist yet (the lookup never creates a store)."""
+    if _missing_sqlite(uri):
+        return None
+    client = make_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(
+        experiments,
+        filter_string="tags.`adiff.kind` = 'train' AND attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"],
+        max_results=candidates,
+    )
+    for run in runs:
+        local = _local_artifact(run.info.artifact_uri, BUNDLE_ARTIFACT)
+        if local is not None:
+            if not local.is_file():
+                continue
+            path = local
+        else:
+            if BUNDLE_ARTIFACT not in {a.path for a in client.list_artifacts(run.info.run_id, "model")}:
+                continue
+            path = Path(client.download_artifacts(run.info.run_id, BUNDLE_ARTIFACT, str(folder)))
+        return TrainedBundle(path, run.info.run_id, run.info.run_name, (run.info.end_time or 0) / 1000)
+    return None
+
+
+def ui_url(base: str, uri: str, experiment: str) -> str:
+    """Where `adiff ui` sends people: the experiment's runs in MLflow's model-training view, when the
+    store has it (else the UI's home page)."""
+    if _missing_sqlite(uri):
+        return base
+    try:
+        found = make_client(uri).get_experiment_by_name(experiment)
+    except TrackingError:
+        found = None
+    if found is None or found.lifecycle_stage == "deleted":
+        return base
+    return f"{base}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
 def free_port(start: int, host: str = "127.0.0.1", tries: int = 50) -> int:

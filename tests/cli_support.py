@@ -62,11 +62,16 @@ def one_line_error(result: Result) -> str:
 
 @contextmanager
 def ui_server(
-    uri: str, first_port: int = 5800, stop_signal: int = signal.SIGINT, whole_group: bool = True
+    uri: str,
+    first_port: int = 5800,
+    stop_signal: int = signal.SIGINT,
+    whole_group: bool = True,
+    printed: list[str] | None = None,
 ) -> Iterator[str]:
     """Run `adiff ui` in its own process group until the block ends; yields its base URL once it answers.
 
     At the end `stop_signal` goes to the whole group (as Ctrl-C in a terminal) or to `adiff ui` alone.
+    `printed`, if given, receives the line `adiff ui` printed first (the URL it sends people to).
     """
     process = subprocess.Popen(
         [
@@ -87,6 +92,8 @@ def ui_server(
     try:
         assert process.stdout is not None
         first = process.stdout.readline()
+        if printed is not None:
+            printed.append(first)
         found = re.search(r"http://127\.0\.0\.1:\d+", first)
         assert found, first
         url = found.group(0)

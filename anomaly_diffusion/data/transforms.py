@@ -80,6 +80,20 @@ def to_plane_stack(volume: np.ndarray, state: PreprocessState) -> np.ndarray:
     return _to_plane_stack(volume, state.to_canonical, state.slice_axis)
 
 
+def input_slice_numbers(state: PreprocessState) -> np.ndarray:
+    """The input file's voxel index along its sliced axis of each canonical slice k, (n_slices,) int64.
+
+    Canonical slice k (as in `state.kept` and `to_plane_stack`) is the input's slice k, or
+    n_slices - 1 - k when reorientation flipped that axis (e.g. an LPS-stored scan sliced
+    sagittally): the number a viewer such as ITK-SNAP shows for it.
+    """
+    numbers = np.arange(state.n_slices, dtype=np.int64)
+    for target, flip in state.to_canonical:
+        if int(target) == state.slice_axis and flip < 0:
+            return numbers[::-1].copy()
+    return numbers
+
+
 def in_plane_pixel_area(affine: np.ndarray, state: PreprocessState) -> float:
     """Area in mm^2 of one input voxel in the slicing plane (the two axes other than the slice axis)."""
     spacing = np.linalg.norm(affine[:3, :3], axis=0)

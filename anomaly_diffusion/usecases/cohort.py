@@ -561,7 +561,7 @@ def _explain_one(
     _write_record(r.out_dir, record)  # complete but not tracked: a rerun only logs it
     tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": name}
     record["run_id"] = track_study(
-        r.tracking_uri, explainer, name, result.params, result.metrics, result.logged, tags, started_at
+        r.tracking_uri, explainer, name, result.params, result.metrics, result.logged, tags, started_at, result.review
     )
     _write_record(r.out_dir, record)
     m = result.metrics

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -11,11 +13,11 @@ from pathlib import Path
 from anomaly_diffusion.errors import CheckpointError
 from anomaly_diffusion.models.bundle import ModelBundle, load_bundle
 from anomaly_diffusion.runtime import resolve_device
-from anomaly_diffusion.tracking import MODELS_PREFIX, fetch_registered_bundle
+from anomaly_diffusion.tracking import MODELS_PREFIX, fetch_registered_bundle, newest_trained_bundle
 
 PACKAGED_CONFIGS = ("default", "demo", "tiny")
 BUNDLE_ROOT = Path("adiff_runs")
-"""Where `adiff explain` and `adiff evaluate` look for the newest bundle without `--checkpoint`."""
+"""Where `adiff explain` and `adiff evaluate` look for the newest bundle without `--checkpoint` (and in the store)."""
 
 
 def resolve_config_path(name: str | None) -> Path | None:
@@ -48,28 +50,55 @@ def output_stem(path: Path) -> str:
     return re.sub(rf"\.({suffixes})$", "", path.name, flags=re.IGNORECASE)
 
 
-def find_latest_bundle(root: Path = BUNDLE_ROOT) -> Path:
-    """The newest complete bundle under root (for explain without --checkpoint)."""
-    bundles = sorted(root.glob("*/bundle.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not bundles:
-        raise CheckpointError(
-            f"no --checkpoint given and no trained bundle found under {root}/; pass --checkpoint PATH"
+@dataclass(frozen=True)
+class FoundBundle:
+    """The bundle `adiff explain`/`evaluate` use without --checkpoint, and where it was found (for people)."""
+
+    path: Path
+    origin: str
+
+
+def find_latest_bundle(tracking_uri: str | None, download: Path, root: Path = BUNDLE_ROOT) -> FoundBundle:
+    """The newest bundle: `root/*/bundle.pt` by modification time, or the bundle of the newest
+    finished training run in the tracking store (`adiff demo` and `--out` elsewhere train outside
+    `root`), whichever is newer. Remote artifacts are downloaded into `download`.
+
+    Raises:
+        CheckpointError: neither has one.
+    """
+    local = sorted(root.glob("*/bundle.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    stored = newest_trained_bundle(tracking_uri, download) if tracking_uri else None
+    if local and (stored is None or local[-1].stat().st_mtime >= stored.finished):
+        return FoundBundle(local[-1], f"the newest bundle under {root}/")
+    if stored is not None:
+        finished = datetime.fromtimestamp(stored.finished).strftime("%Y-%m-%d %H:%M")
+        return FoundBundle(
+            stored.path,
+            f"the newest training run in {tracking_uri}: {stored.run_name} ({stored.run_id}, finished {finished})",
         )
-    return bundles[-1]
+    where = f"under {root}/" + (f" or in the tracking store {tracking_uri}" if tracking_uri else "")
+    raise CheckpointError(f"no --checkpoint given and no trained bundle found {where}; pass --checkpoint PATH")
 
 
 def load_model(
-    model: Path | str | None, tracking_uri: str, device: str = "auto"
+    model: Path | str | None,
+    tracking_uri: str,
+    device: str = "auto",
+    announce: Callable[[str], None] | None = None,
 ) -> tuple[ModelBundle, str, str | None]:
     """A bundle from a file or a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`).
 
-    `model` None takes the newest bundle under `BUNDLE_ROOT`.
+    `model` None takes `find_latest_bundle` and tells `announce` which one it took.
 
     Returns:
         (bundle, file name, 'NAME/VERSION' for a registered model or None).
     """
-    model = model if model is not None else find_latest_bundle()
     with tempfile.TemporaryDirectory(prefix="adiff-model-") as download:
+        if model is None:
+            found = find_latest_bundle(tracking_uri, Path(download))
+            if announce is not None:
+                announce(f"model: {found.path} ({found.origin})")
+            model = found.path
         if str(model).startswith(MODELS_PREFIX):
             path, model_ref = fetch_registered_bundle(tracking_uri, str(model), Path(download))
         else:

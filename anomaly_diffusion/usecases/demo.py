@@ -41,12 +41,17 @@ class DemoCase:
 
 @dataclass(frozen=True)
 class DemoOutcome:
-    """The demo's training run, its explained test subjects, its tracking store and its wall time."""
+    """The demo's training run, its explained test subjects, its tracking store and its wall time.
+
+    `next_command` is an `adiff explain` command line (argv) for another held-out subject with the
+    demo's model and store, runnable from the current folder.
+    """
 
     tracking_uri: str
     trained: TrainOutcome
     cases: tuple[DemoCase, ...]
     seconds: float
+    next_command: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,33 @@ def held_out_cases(manifest: Path) -> list[tuple[str, ManifestRow]]:
     kinds = read_lesion_kinds(manifest)
     test = [r for r in read_manifest(manifest, splits=["test"]) if r.mask is not None]
     return [(kind, next(r for r in test if kinds[r.subject] == kind)) for kind in DEMO_LESION_KINDS]
+
+
+def _from_here(path: Path) -> str:
+    """A path as typed from the current folder: relative inside it, absolute outside."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def next_explain_command(manifest: Path, explained: set[str], bundle: Path, tracking_uri: str) -> tuple[str, ...]:
+    """`adiff explain` for a test subject the demo did not explain (lesioned ones first), with its brain
+    mask and, if it has lesions, its lesion mask (so the printed numbers include Dice and AUPRC)."""
+    test = read_manifest(manifest, splits=["test"])
+    kinds = read_lesion_kinds(manifest)
+    others = [r for r in test if r.subject not in explained] or test
+    row = sorted(others, key=lambda r: kinds.get(r.subject, "none") == "none")[0]
+    command = ["adiff", "explain", *(_from_here(p) for p in row.images)]
+    if row.mask is not None and kinds.get(row.subject, "none") != "none":  # a healthy subject's mask is empty
+        command += ["--mask", _from_here(row.mask)]
+    if row.brainmask is not None:
+        command += ["--brainmask", _from_here(row.brainmask)]
+    command += ["--checkpoint", _from_here(bundle)]
+    if tracking_uri != DEFAULT_TRACKING_URI:
+        command += ["--tracking-uri", tracking_uri]
+    return tuple(command)
 
 
 def run_demo(
@@ -93,4 +125,5 @@ def run_demo(
             overwrite=True,
         )
         cases.append(DemoCase(kind, row.subject, run_explain(request, hooks.explain_progress)))
-    return DemoOutcome(uri, trained, tuple(cases), time.perf_counter() - started)
+    command = next_explain_command(manifest, {c.subject for c in cases}, trained.result.bundle_path, uri)
+    return DemoOutcome(uri, trained, tuple(cases), time.perf_counter() - started, command)

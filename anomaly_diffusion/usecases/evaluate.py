@@ -119,13 +119,15 @@ def run_evaluate(
     """Score every method on a manifest split against its lesion masks; write tables and plots; track in MLflow.
 
     Under torchrun (`context`), each rank scores every world_size-th volume and rank 0 gathers
-    them, reports and logs; other ranks return None. `announce` is told the device, threads and
-    precision before the work starts.
+    them, reports and logs; other ranks return None. `announce` is told the model chosen without
+    --checkpoint, the device, threads and precision before the work starts.
     """
     started = time.perf_counter()
     started_at = time.time()
     r = request
-    bundle, bundle_name, model_ref = load_model(r.model, r.tracking_uri, r.device)
+    bundle, bundle_name, model_ref = load_model(
+        r.model, r.tracking_uri, r.device, announce if context.is_main else None
+    )
     if r.explain_overrides:
         bundle = replace(bundle, config=override_explain(bundle.config, list(r.explain_overrides)))
     bundle = prepare_for_inference(bundle, r.compile_networks or bundle.config.explain.compile, r.fp32)

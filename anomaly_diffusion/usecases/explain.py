@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -17,17 +18,22 @@ from skimage.filters import threshold_otsu
 from anomaly_diffusion.data.dicom import redact
 from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
 from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
-from anomaly_diffusion.data.transforms import PreprocessState, explained_region, mask_to_slices, normalise
+from anomaly_diffusion.data.transforms import PreprocessState, explained_region, normalise
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_scan_ensemble, explain_settings, is_stochastic
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
 from anomaly_diffusion.models.bundle import ModelBundle
-from anomaly_diffusion.plots import explain_montage
+from anomaly_diffusion.plots import SliceViews, explain_montage, slice_views
 from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference
-from anomaly_diffusion.scans import ScanExplanation
+from anomaly_diffusion.scans import InputPlanes, ScanExplanation, input_planes
 from anomaly_diffusion.tracking import tracked_run
-from anomaly_diffusion.usecases.common import find_latest_bundle, load_model, output_stem
+from anomaly_diffusion.usecases.common import load_model, output_stem
+
+REVIEW_SLICES = 200
+"""Default cap on the slices logged for review: every explained slice of a brain MRI (BraTS: 130-145)."""
+REVIEW_KEYS = ("review/1_input", "review/2_counterfactual", "review/3_map")
+"""The run's image series, one per view, each stepped by the input's slice number (the UI sorts charts by key)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class ExplainRequest:
         ensemble_levels: noise levels whose maps are averaged (replaces noise_level), as evaluate's L=100+200.
         draws: draws of a stochastic encoding averaged per level (seeds 0..draws-1), as evaluate's n=.
             An ensemble of more than one member also writes its per-voxel spread (`_uncertainty.nii.gz`).
+        review_slices: at most this many explained slices are logged as per-slice review images
+            (every k-th when there are more), 0 none.
     """
 
     scans: Sequence[Path]
@@ -68,6 +76,7 @@ class ExplainRequest:
     decoding: str | None = None
     ensemble_levels: Sequence[int] = ()
     draws: int = 1
+    review_slices: int = REVIEW_SLICES
 
     def __post_init__(self) -> None:
         if self.ensemble_levels and self.noise_level is not None:
@@ -189,11 +198,10 @@ class Explainer:
         return tags
 
 
-def load_explainer(options: ModelOptions) -> Explainer:
-    """Load the model of `options` and check its explain settings once."""
+def load_explainer(options: ModelOptions, announce: Callable[[str], None] | None = None) -> Explainer:
+    """Load the model of `options` (None: the newest bundle, said to `announce`) and check its explain settings once."""
     o = options
-    model = o.model if o.model is not None else find_latest_bundle()
-    bundle, bundle_name, model_ref = load_model(model, o.tracking_uri, o.device)
+    bundle, bundle_name, model_ref = load_model(o.model, o.tracking_uri, o.device, announce)
     bundle = prepare_for_inference(bundle, o.compile_networks or bundle.config.explain.compile, o.fp32)
     plans = tuple(
         explain_settings(
@@ -211,9 +219,25 @@ def load_explainer(options: ModelOptions) -> Explainer:
         for level in (list(o.ensemble_levels) if o.ensemble_levels else [o.noise_level])
         for draw in range(o.draws)
     )
-    identity = model_ref or bundle.train_run_id or str(Path(model).resolve())
+    identity = model_ref or bundle.train_run_id or (str(Path(o.model).resolve()) if o.model else bundle_name)
     threshold = o.threshold if o.threshold is not None else bundle.config.explain.threshold
     return Explainer(bundle, plans, bundle_name, model_ref, identity, threshold)
+
+
+@dataclass(frozen=True)
+class StudyReview:
+    """The per-slice review images of one study, for its MLflow run.
+
+    Attributes:
+        images: (slice number in the input, (input, counterfactual, map overlay)) per logged slice: the
+            grey views as (H, W) uint8, the overlay (H, W, 3).
+        explained: how many slices were explained; cap: the most that are logged; montage: its file name.
+    """
+
+    images: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+    explained: int
+    cap: int
+    montage: str
 
 
 @dataclass(frozen=True)
@@ -238,6 +262,7 @@ class StudyExplanation:
     pixel: PixelMetrics | None
     baseline: PixelMetrics | None
     explanation: ScanExplanation = field(repr=False)
+    review: StudyReview | None = field(default=None, repr=False)
 
     @property
     def logged(self) -> dict[str, Path]:
@@ -283,6 +308,7 @@ def explain_study(
     progress: Callable[[int, int], None] | None = None,
     announce: Callable[[str], None] | None = None,
     compute: bool = True,
+    review_slices: int = REVIEW_SLICES,
 ) -> StudyExplanation:
     """Explain one scan with a loaded model: NIfTI maps, a montage, a JSON summary (and DICOM outputs for
     a DICOM input) in out_dir.
@@ -353,11 +379,18 @@ def explain_study(
         save_like(ensemble.uncertainty, scan, outputs["uncertainty"])
     for c in range(len(scans)):
         save_like(explanation.healthy[c], scan, outputs[f"healthy_{c}" if c else "healthy"])
-    order = torch.argsort(slices.anomaly_map.flatten(1).amax(dim=1), descending=True)
-    rows = order[: cfg.explain.montage_slices].sort().values.tolist()
-    truth_slices = mask_to_slices(truth, explanation.state) if truth is not None else None
-    kept = explanation.state.kept.tolist()
-    explain_montage(slices.x, slices.x_healthy, slices.anomaly_map, kept, rows, outputs["montage"], truth_slices)
+    planes = input_planes(scan, explanation, cfg.data, truth)
+    vmax = metrics["anomaly_max"]
+    peaks = planes.anomaly_map[..., planes.kept].max(axis=(0, 1))
+    rows = np.sort(planes.kept[np.argsort(-peaks, kind="stable")[: cfg.explain.montage_slices]])
+    explain_montage([(int(planes.numbers[k]), _views(planes, k, vmax)) for k in rows], vmax, outputs["montage"])
+    chosen = review_selection(planes.kept, review_slices)
+    review = StudyReview(
+        images=[(int(planes.numbers[k]), _review_images(planes, int(k), vmax)) for k in chosen],
+        explained=len(planes.kept),
+        cap=review_slices,
+        montage=outputs["montage"].name,
+    )
     write_dicom_outputs(scan, explanation.anomaly_map, explanation.healthy, threshold, dicom)
     params = _params(scans, explainer) | _ensemble_params(plans)
     params = {k: redact(v, private) if isinstance(v, str) else v for k, v in params.items()}
@@ -365,7 +398,7 @@ def explain_study(
     summary = {"params": params, "metrics": metrics, "outputs": listed}
     atomic_write_bytes(json.dumps(summary, indent=2).encode(), outputs["summary"])
     return StudyExplanation(
-        stems[0], outputs, tuple(dicom.paths), tuple(private), params, metrics, pixel, baseline, explanation
+        stems[0], outputs, tuple(dicom.paths), tuple(private), params, metrics, pixel, baseline, explanation, review
     )
 
 
@@ -378,6 +411,7 @@ def track_study(
     logged: dict[str, Path],
     tags: dict[str, str] | None = None,
     started_at: float | None = None,
+    review: StudyReview | None = None,
 ) -> str:
     """Log an explained scan's params, metrics and files (`logged`: never the DICOM outputs) as one MLflow
     run; returns its id."""
@@ -393,9 +427,16 @@ def track_study(
         run.log_metrics(metrics)
         for path in logged.values():
             run.log_artifact(path, "explain")
-        description = _run_description(params, metrics)
-        run.log_text(description, "README.md")
-        run.set_tags({"mlflow.note.content": description})
+        text = _run_description(params, metrics)
+        run.log_text(text, "README.md")
+        head, tail = "", ""
+        if review is not None:
+            for number, images in review.images:
+                for key, image in zip(REVIEW_KEYS, images, strict=True):
+                    run.log_image(image, key, step=number)
+            numbers = np.array([n for n, _ in review.images], dtype=int)
+            head, tail = _review_pointer(run.run_id, numbers, review.explained, review.cap, review.montage)
+        run.set_tags({"mlflow.note.content": f"{head}{text}{tail}"})
     return run.run_id
 
 
@@ -411,10 +452,28 @@ def run_explain(
     started = time.perf_counter()
     started_at = time.time()
     r = request
-    explainer = load_explainer(r)
-    study = explain_study(explainer, r.scans, r.out_dir, r.mask, r.brainmask, r.overwrite, progress, announce)
+    explainer = load_explainer(r, announce)
+    study = explain_study(
+        explainer,
+        r.scans,
+        r.out_dir,
+        r.mask,
+        r.brainmask,
+        r.overwrite,
+        progress,
+        announce,
+        review_slices=r.review_slices,
+    )
     run_id = track_study(
-        r.tracking_uri, explainer, f"explain-{study.stem}", study.params, study.metrics, study.logged, None, started_at
+        r.tracking_uri,
+        explainer,
+        f"explain-{study.stem}",
+        study.params,
+        study.metrics,
+        study.logged,
+        None,
+        started_at,
+        study.review,
     )
     return ExplainOutcome(
         run_id,
@@ -436,6 +495,44 @@ def _public_stem(path: Path, channel: int, scan: Scan, private: Sequence[str]) -
     source = scan.dicom[channel] if channel < len(scan.dicom) else None
     uid = str(source.datasets[0].get("SeriesInstanceUID", "")) if source is not None else str(path)
     return f"series-{hashlib.sha256(uid.encode()).hexdigest()[:10]}"
+
+
+def review_selection(kept: np.ndarray, cap: int) -> np.ndarray:
+    """The explained slices to log for review: all of `kept`, every k-th (k = ceil(n / cap)) when there
+    are more than `cap`, none for cap 0."""
+    if cap <= 0:
+        return kept[:0]
+    return kept[:: max(1, -(-kept.size // cap))]
+
+
+def _review_images(planes: InputPlanes, k: int, vmax: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slice k's review images: the grey views as one channel (a third of the bytes to encode and store)."""
+    views = _views(planes, k, vmax)
+    return views.input[..., 0], views.healthy[..., 0], views.overlay
+
+
+def _views(planes: InputPlanes, k: int, vmax: float) -> SliceViews:
+    """Canonical slice k of `planes` as the three review images."""
+    truth = planes.truth[..., k] if planes.truth is not None else None
+    return slice_views(planes.image[..., k], planes.healthy[..., k], planes.anomaly_map[..., k], vmax, truth)
+
+
+def _review_pointer(run_id: str, numbers: np.ndarray, explained: int, cap: int, montage: str) -> tuple[str, str]:
+    """The run description's parts (markdown) that send a reviewer to the per-slice images (first, as
+    the run page folds long descriptions) and show the montage (last)."""
+    source = f"get-artifact?path={quote(f'explain/{montage}')}&run_uuid={run_id}"
+    shown = f"\n\nThe most anomalous slices (`explain/{montage}`):\n\n![montage]({source})"
+    if numbers.size == 0:
+        return "", shown
+    every = "" if numbers.size == explained else f" (one in {-(-explained // cap)} of {explained})"
+    review = (
+        f"**Slice review**: tab *Model metrics*, section *review*: input, healthy counterfactual and map for "
+        f"{numbers.size} explained slices{every}, the step being the slice number in the input file "
+        f"({int(numbers.min())} to {int(numbers.max())}). "
+        + ("The charts open at step 0, before the first: " if numbers.min() > 0 else "")
+        + "move a slider or type a slice number; click an image for full size.\n\n"
+    )
+    return review, shown
 
 
 def _params(scans: Sequence[Path], explainer: Explainer) -> dict[str, object]:

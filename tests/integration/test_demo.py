@@ -4,6 +4,7 @@ each printed beside the raw-intensity baseline, all runs in the SQLite store."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,15 @@ def test_demo_explains_one_subject_of_each_lesion_kind(tmp_path: Path, tracking_
     train_run = next(r for r in runs if r.data.tags["adiff.kind"] == "train")
     assert train_run.data.params["train.threads"] == "1"
     assert train_run.data.params["train.precision"].split(" (")[0] in ("bfloat16", "float32")
+    # the demo ends with a command to try next: it runs as printed, from where the user stands
+    (line,) = [line for line in out.splitlines() if line.startswith("next, another held-out subject: ")]
+    command = shlex.split(line.split(": ", 1)[1])
+    assert command[:2] == ["adiff", "explain"] and "--checkpoint" in command and "--brainmask" in command
+    assert not Path(command[2]).is_absolute()  # relative to the current folder, where the demo ran
+    follow = runner.invoke(app, command[1:])
+    assert follow.exit_code == 0, follow.output
+    assert ("vs mask: AUPRC=" in follow.output) == ("--mask" in command)
+    # and without --checkpoint the store's newest training run (the demo's, outside ./adiff_runs) is found
+    default = runner.invoke(app, ["explain", command[2], "--out", "again", "--tracking-uri", tracking_uri])
+    assert default.exit_code == 0, default.output
+    assert f"the newest training run in {tracking_uri}: demo-train-" in default.output
