@@ -1,0 +1,224 @@
+"""benchmarks/brats.py end to end on a synthetic BraTS 2018 layout with the tiny config: every stage,
+RESULTS.md, the MLflow store, resuming without rerunning, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = ROOT / "benchmarks" / "brats.py"
+pytestmark = pytest.mark.slow
+
+
+def _module(name: str) -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _brats2018(root: Path, subjects: dict[str, str]) -> Path:
+    """BraTS 2018 folders (4 sequences + seg, background 0), a bright lesion in the middle slices; the split file."""
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 10)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    brain = (grid[0] ** 2 / 0.8 + grid[1] ** 2 / 0.7 + grid[2] ** 2 / 1.2) < 1
+    for subject in subjects:
+        folder = root / "brats2018" / "train" / subject
+        folder.mkdir(parents=True)
+        seg = np.zeros(shape, np.uint8)
+        cx, cy = 12 + int(rng.integers(-2, 3)), 12 + int(rng.integers(-2, 3))
+        seg[cx - 3 : cx + 3, cy - 3 : cy + 3, 3:7] = 2
+        seg &= brain.astype(np.uint8) * 255
+        for suffix, gain in (("flair", 80), ("t1", -30), ("t1ce", 20), ("t2", 60)):
+            image = np.where(brain, 300 + 30 * rng.standard_normal(shape), 0)
+            image[seg > 0] += gain * 3
+            nib.save(nib.Nifti1Image(image.astype(np.int16), np.eye(4)), str(folder / f"{subject}_{suffix}.nii.gz"))
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), str(folder / f"{subject}_seg.nii.gz"))
+    splits = root / "splits.csv"
+    with splits.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "split", "source"])
+        writer.writerows([s, split, "synthetic"] for s, split in subjects.items())
+    return splits
+
+
+def _bench_command(data: Path, work: Path, splits: Path, *more: str) -> list[str]:
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+        "--splits",
+        str(splits),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--channel-sets",
+        "flair",
+        "--grid",
+        "L=10;s=0,10;K=3;g=slice;r=positive;m=0,3",
+        "--bootstrap",
+        "10",
+        "--worst",
+        "2",
+        *more,
+    ]
+
+
+def _bench(data: Path, work: Path, splits: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    command = _bench_command(data, work, splits, *more)
+    return subprocess.run(command, capture_output=True, text=True, check=False, cwd=work.parent)
+
+
+def test_benchmark_runs_every_stage_then_resumes_without_rerunning(tmp_path: Path) -> None:
+    subjects = {f"Brats18_X_{i}_1": split for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2)}
+    splits = _brats2018(tmp_path / "data", subjects)
+    work = tmp_path / "work"
+    done = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--arm", "alt=train.ddpm_steps=2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    flair = work / "flair"
+    for arm in ("cg", "alt"):
+        for path in ("bundle.pt", "val/results.json", "test/results.json", "worst/worst.png", "worst/worst.json"):
+            assert (flair / arm / path).stat().st_size > 0, (arm, path)
+    choice = json.loads((flair / "cg" / "choose.json").read_text())
+    assert [c["name"] for c in choice["candidates"]] == [
+        "L10-s0-K3-pos-m0",
+        "L10-s0-K3-pos-m3",
+        "L10-s10-K3-slice-pos-m0",
+        "L10-s10-K3-slice-pos-m3",
+    ]
+    val = {r["method"]: r for r in json.loads((flair / "cg" / "val" / "results.json").read_text())["results"]}
+    best = max(choice["ranked"], key=lambda n: (round(val[n]["auprc"], 3), val[n]["dice_best"]))
+    assert choice["chosen"] == choice["ranked"][0] and round(val[best]["auprc"], 3) == round(
+        val[choice["chosen"]]["auprc"], 3
+    )
+    test = json.loads((flair / "cg" / "test" / "results.json").read_text())
+    names = [r["method"] for r in test["results"]]
+    assert names[0] == "chosen" and "guided" in names and "int-flair" in names
+    assert test["threshold_source"] == "best Dice on the val split"
+    chosen_m = int(next(c for c in choice["candidates"] if c["name"] == choice["chosen"])["values"]["m"])
+    assert ("int-flair-m3" in names) == (chosen_m == 3)
+    alt = json.loads((flair / "alt" / "test" / "results.json").read_text())
+    assert "int-flair" not in [r["method"] for r in alt["results"]]  # intensity is scored once, by the first arm
+    assert (alt["voxels"], alt["subjects"]) == (test["voxels"], test["subjects"])
+
+    results = (work / "RESULTS.md").read_text()
+    for text in ("## Summary (test split)", "### Goals", "### Choice on val", "### Test split"):
+        assert text in results, text
+    assert "AUPRC and val-threshold Dice above raw FLAIR: **" in results
+    assert "(chosen)" in results and "every arm's test run scored the same voxels" in results
+    assert "guided above unguided on every metric: **" in results
+    client = MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run_names = sorted(r.info.run_name for r in runs)
+    assert run_names.count("evaluate-val") == 2 and run_names.count("evaluate-test") == 2
+    assert {"brats-flair-cg", "brats-flair-alt", "benchmark-brats-flair"} <= set(run_names)
+    bench_run = next(r for r in runs if r.info.run_name == "benchmark-brats-flair")
+    assert bench_run.data.params["cg.chosen"] == choice["chosen_spec"]
+    assert bench_run.data.metrics["cg.train_seconds"] > 0 and "cg.chosen.auprc" in bench_run.data.metrics
+
+    stamp = (flair / "cg" / "test" / "results.json").stat().st_mtime_ns
+    again = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--arm", "alt=train.ddpm_steps=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "$ " not in again.stdout  # every stage reused: no tool ran
+    assert (flair / "cg" / "test" / "results.json").stat().st_mtime_ns == stamp
+    plan = json.loads((flair / "plan.json").read_text())
+    assert set(plan["status"].values()) == {"reused"}
+
+    changed = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--set", "train.ddpm_steps=3")
+    assert changed.returncode == 1
+    assert changed.stderr.strip().startswith("error:") and "--reuse" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_bad_options_fail_with_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = _brats2018(tmp_path / "data", {"Brats18_X_0_1": "train"})
+    work = tmp_path / "work"
+    brats = _module("brats")
+    for more, message in [
+        (["--arms", "nope"], "--arms: unknown ['nope']"),
+        (["--arms", "paper"], "arm paper: "),  # L=500 is beyond the tiny schedule's 100 steps
+        (["--arms", "cg", "--grid", "L=10;q=3"], "expected KEY=V1,V2"),
+        (["--arms", "cg", "--redo", "everything"], "--redo: unknown stages"),
+        (["--arms", "cg", "--arm-grid", "cg=g=nowhere"], "arm cg: "),
+    ]:
+        argv = _bench_command(tmp_path / "data", work, splits, *more)[1:]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exited:
+            brats.main()
+        text = str(exited.value.code)
+        assert text.startswith("error:") and message in text and "\n" not in text, text
+    assert not (work / "flair" / "manifest-flair.csv").exists()
+
+
+def test_grid_candidates_and_the_choice_rule() -> None:
+    brats = _module("brats")
+    report = _module("brats_report")
+    grid = brats.parse_grid("L=100,200;s=0,300;g=slice,regions", brats.parse_grid("L=50;s=1;K=25;r=positive;m=0"))
+    names = [c.name for c in brats.candidates(grid)]
+    # s=0 ignores the guidance target: one unguided candidate per L, not one per target
+    assert names == [
+        "L100-s0-K25-pos-m0",
+        "L100-s300-K25-slice-pos-m0",
+        "L100-s300-K25-regions-pos-m0",
+        "L200-s0-K25-pos-m0",
+        "L200-s300-K25-slice-pos-m0",
+        "L200-s300-K25-regions-pos-m0",
+    ]
+    assert brats.candidates(grid)[1].spec == "L100-s300-K25-slice-pos-m0:L=100;s=300;K=25;g=slice;r=positive;m=0"
+    assert brats.shared_work(brats.candidates(grid)) == (2, 6)
+    rows = {
+        "a": {"auprc": 0.5001, "dice_best": 0.40},
+        "b": {"auprc": 0.4999, "dice_best": 0.45},  # ties a at 3 decimals, better Dice
+        "c": {"auprc": 0.70, "dice_best": float("nan")},
+        "d": {"auprc": float("nan"), "dice_best": 0.9},
+    }
+    assert report.rank_candidates(rows, ["a", "b", "d"]) == ["b", "a", "d"]
+    assert report.rank_candidates(rows, ["a", "b", "c", "d"])[0] == "c"
+
+
+def test_goal_verdicts_follow_the_numbers() -> None:
+    report = _module("brats_report")
+
+    def row(name: str, auprc: float, dice: float, small: float | None = None) -> dict[str, object]:
+        by_size = {"small": {"slices": 3.0, "auprc": small, "dice_slice_otsu": small}} if small is not None else {}
+        metrics = {m: auprc for m in report.EVERY_METRIC}
+        return {"method": name, **metrics, "auprc": auprc, "dice_chosen": dice, "by_size": by_size, "dice_at_fpr": {}}
+
+    chosen = {**row("chosen", 0.8, 0.7, small=0.3), "slice_auroc_max": 0.97, "slice_auroc_mean": 0.94}
+    unguided = row("best-unguided", 0.2, 0.2)
+    flair = {"flair": [row("int-flair", 0.7, 0.75, small=0.1), row("int-flair-m5", 0.75, 0.6, small=0.2)]}
+    found = {g.goal: g for g in report.goals(("flair",), chosen, chosen, unguided, flair)}
+    assert found["AUPRC and val-threshold Dice above raw FLAIR"].verdict == "missed"  # Dice 0.70 < 0.75
+    assert "Dice (val thr.) 0.700 vs 0.750" in found["AUPRC and val-threshold Dice above raw FLAIR"].detail
+    assert found["slice AUROC > 0.95 (max score per slice)"].verdict == "met"
+    assert found["slice AUROC > 0.95 (mean score per slice)"].verdict == "missed"
+    assert found["guided above unguided on every metric"].verdict == "met"
+    assert found["small lesions (< 1 cm² slices) above raw FLAIR intensity"].verdict == "met"  # 0.3 vs 0.2
+    worse = {**unguided, "slice_auroc_mean": 0.95}
+    lost = {g.goal: g for g in report.goals(("flair",), chosen, chosen, worse, flair)}
+    assert lost["guided above unguided on every metric"].verdict == "missed"
+    assert "slice AUROC (mean) 0.940 vs 0.950" in lost["guided above unguided on every metric"].detail
+    t1c = {g.goal: g for g in report.goals(("t1c",), row("chosen", 0.41, 0.3), None, None, {"t1c": [row("i", 1, 1)]})}
+    assert t1c["AUPRC > 0.40 (T1C only)"].verdict == "met"
+    assert t1c["guided above unguided on every metric"].verdict == "n/a"
+    assert t1c["small lesions (< 1 cm² slices) above raw T1C intensity"].verdict == "n/a"
