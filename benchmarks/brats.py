@@ -511,6 +511,15 @@ def choose(bench: Bench, s: SetRun, arm: Arm, bundle: Path) -> dict[str, Any]:
     return record
 
 
+def chosen_medians(choices: list[dict[str, Any]]) -> list[int]:
+    """The median filter sizes (> 1) of the arms' chosen candidates: intensity is also scored with each."""
+    sizes = set()
+    for choice in choices:
+        values = next(c["values"] for c in choice["candidates"] if c["name"] == choice["chosen"])
+        sizes.add(int(values.get("m", "0")))
+    return sorted(sizes - {0, 1})
+
+
 def test_methods(
     bench: Bench, s: SetRun, arm: Arm, choice: dict[str, Any] | None, medians: list[int], holds_intensity: bool
 ) -> dict[str, Any]:
@@ -706,10 +715,7 @@ def run_set(bench: Bench, s: SetRun, arms: list[Arm], roots: list[Path]) -> None
     bundles = {arm.name: train(bench, s, arm) for arm in arms}
     choices = {arm.name: choose(bench, s, arm, bundles[arm.name]) for arm in arms if arm.chooses}
     if not bench.args.only_choose:
-        medians = sorted(
-            {int(c["candidates"][c["ranked"].index(c["chosen"])]["values"].get("m", "0")) for c in choices.values()}
-            - {0, 1}
-        )
+        medians = chosen_medians(list(choices.values()))
         for i, arm in enumerate(arms):
             plan = test_methods(bench, s, arm, choices.get(arm.name), medians, holds_intensity=i == 0)
             score_test(bench, s, arm, bundles[arm.name], plan)

@@ -8,7 +8,8 @@ own pipeline (`evaluation.scoring.score_volumes`, the voxels `adiff evaluate` sc
 diseased slice's Dice at its own Otsu threshold (the paper's per-slice protocol), and ranks the
 slices by `Dice(against) - Dice(method)`. Writes:
 - DIR/worst.png: input | healthy counterfactual | map | ground truth for the K slices where the
-  map loses most (model resolution, channel 0; the titles give both Dice values and the lesion area);
+  map loses most (model resolution, channel 0, the map before any median filter; the titles give
+  both Dice values, which are on the input grid and filtered, and the lesion area);
 - DIR/worst.json: those slices, and per lesion-size bin (< 1 cm², < 10 cm², larger) how many slices
   each detector wins and its mean Dice.
 `benchmarks/brats.py` runs this after the test scoring; it is also usable on its own.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,46 +36,48 @@ from anomaly_diffusion.runtime import prepare_for_inference
 from anomaly_diffusion.usecases.common import load_model
 
 
-def slice_table(volumes: list[VolumeScores], method: str, against: str) -> list[dict[str, object]]:
-    """One row per diseased slice: subject, slice, lesion area (mm²), size bin, both Otsu Dice, the deficit.
+@dataclass(frozen=True)
+class SliceRow:
+    """One diseased slice: lesion area (mm²) and size bin, each detector's Otsu Dice, the map's deficit."""
 
-    Sorted by deficit `dice_against - dice_method`, largest first (where `method` loses most).
-    """
-    rows: list[dict[str, object]] = []
+    subject: str
+    slice: int
+    lesion_mm2: float
+    size: str
+    dice_method: float
+    dice_against: float
+
+    @property
+    def deficit(self) -> float:
+        """Dice(against) - Dice(method): > 0 where the map loses."""
+        return self.dice_against - self.dice_method
+
+
+def slice_table(volumes: list[VolumeScores], method: str, against: str) -> list[SliceRow]:
+    """Every diseased slice of the volumes, the largest deficit (where `method` loses most) first."""
+    rows = []
     for v in volumes:
         ours = per_slice_otsu_dice(v.scores[method], v.truth, v.slice_ids)
         theirs = per_slice_otsu_dice(v.scores[against], v.truth, v.slice_ids)
         for k, dice in ours.items():
             area = float(v.truth[v.slice_ids == k].sum()) * v.pixel_area_mm2
-            rows.append(
-                {
-                    "subject": v.subject,
-                    "slice": int(k),
-                    "lesion_mm2": area,
-                    "size": size_bin(area),
-                    "dice_method": float(dice),
-                    "dice_against": float(theirs[k]),
-                    "deficit": float(theirs[k] - dice),
-                }
-            )
-    return sorted(rows, key=lambda r: -float(r["deficit"]))  # type: ignore[arg-type]
+            rows.append(SliceRow(v.subject, int(k), area, size_bin(area), float(dice), float(theirs[k])))
+    return sorted(rows, key=lambda r: -r.deficit)
 
 
-def by_size(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
+def by_size(rows: list[SliceRow]) -> dict[str, dict[str, float]]:
     """Per size bin: slices, slices each detector wins (ties count for neither), mean Dice of each."""
     summary: dict[str, dict[str, float]] = {}
     for name, *_ in SIZE_BINS_MM2:
-        group = [r for r in rows if r["size"] == name]
-        if not group:
-            continue
-        deficits = np.array([r["deficit"] for r in group], dtype=float)
-        summary[name] = {
-            "slices": len(group),
-            "method_wins": int((deficits < 0).sum()),
-            "against_wins": int((deficits > 0).sum()),
-            "mean_dice_method": float(np.mean([r["dice_method"] for r in group])),
-            "mean_dice_against": float(np.mean([r["dice_against"] for r in group])),
-        }
+        group = [r for r in rows if r.size == name]
+        if group:
+            summary[name] = {
+                "slices": len(group),
+                "method_wins": sum(r.deficit < 0 for r in group),
+                "against_wins": sum(r.deficit > 0 for r in group),
+                "mean_dice_method": float(np.mean([r.dice_method for r in group])),
+                "mean_dice_against": float(np.mean([r.dice_against for r in group])),
+            }
     return summary
 
 
@@ -104,12 +108,12 @@ def main() -> None:
     method, against = methods[0].name, methods[1].name
     table = slice_table(volumes, method, against)
     examples = {(v.subject, k): ex for v in volumes for k, ex in v.examples.items()}
-    worst = [r for r in table if (r["subject"], r["slice"]) in examples][: args.k]
+    worst = [r for r in table if (r.subject, r.slice) in examples][: args.k]
     montage = [
         (
-            f"{r['subject']}, slice {r['slice']} ({float(r['lesion_mm2']) / 100:.2f} cm²)\n"
-            f"Dice {method} {float(r['dice_method']):.2f}, {against} {float(r['dice_against']):.2f}",
-            examples[(r["subject"], r["slice"])],
+            f"{r.subject}, slice {r.slice} ({r.lesion_mm2 / 100:.2f} cm²)\n"
+            f"Dice {method} {r.dice_method:.2f}, {against} {r.dice_against:.2f}",
+            examples[(r.subject, r.slice)],
         )
         for r in worst
     ]
@@ -120,10 +124,10 @@ def main() -> None:
         "against": against,
         "split": args.split,
         "diseased_slices": len(table),
-        "method_wins": sum(1 for r in table if float(r["deficit"]) < 0),  # type: ignore[arg-type]
-        "against_wins": sum(1 for r in table if float(r["deficit"]) > 0),  # type: ignore[arg-type]
+        "method_wins": sum(r.deficit < 0 for r in table),
+        "against_wins": sum(r.deficit > 0 for r in table),
         "by_size": by_size(table),
-        "worst": worst,
+        "worst": [{**asdict(r), "deficit": r.deficit} for r in worst],
     }
     atomic_write_bytes(json.dumps(report, indent=2).encode(), args.out / "worst.json")
     print(f"{args.out / 'worst.png'}: {len(worst)} slices; {method} loses on {report['against_wins']} of {len(table)}")

@@ -1,5 +1,5 @@
 """benchmarks/brats.py end to end on a synthetic BraTS 2018 layout with the tiny config: every stage,
-RESULTS.md, the MLflow store, resuming without rerunning, and one-line errors."""
+RESULTS.md, the MLflow store, resuming without rerunning, and one-line errors; its pure parts on their own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -93,61 +93,87 @@ def test_benchmark_runs_every_stage_then_resumes_without_rerunning(tmp_path: Pat
     subjects = {f"Brats18_X_{i}_1": split for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2)}
     splits = _brats2018(tmp_path / "data", subjects)
     work = tmp_path / "work"
-    done = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--arm", "alt=train.ddpm_steps=2")
+    done = _bench(tmp_path / "data", work, splits, "--arms", "cg")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    flair = work / "flair"
-    for arm in ("cg", "alt"):
-        for path in ("bundle.pt", "val/results.json", "test/results.json", "worst/worst.png", "worst/worst.json"):
-            assert (flair / arm / path).stat().st_size > 0, (arm, path)
-    choice = json.loads((flair / "cg" / "choose.json").read_text())
+    cg = work / "flair" / "cg"
+    for path in ("bundle.pt", "val/results.json", "test/results.json", "worst/worst.png", "worst/worst.json"):
+        assert (cg / path).stat().st_size > 0, path
+    choice = json.loads((cg / "choose.json").read_text())
     assert [c["name"] for c in choice["candidates"]] == [
         "L10-s0-K3-pos-m0",
         "L10-s0-K3-pos-m3",
         "L10-s10-K3-slice-pos-m0",
         "L10-s10-K3-slice-pos-m3",
     ]
-    val = {r["method"]: r for r in json.loads((flair / "cg" / "val" / "results.json").read_text())["results"]}
-    best = max(choice["ranked"], key=lambda n: (round(val[n]["auprc"], 3), val[n]["dice_best"]))
-    assert choice["chosen"] == choice["ranked"][0] and round(val[best]["auprc"], 3) == round(
-        val[choice["chosen"]]["auprc"], 3
-    )
-    test = json.loads((flair / "cg" / "test" / "results.json").read_text())
+    val = {r["method"]: r for r in json.loads((cg / "val" / "results.json").read_text())["results"]}
+    assert "int-flair" in val and "int-flair" not in choice["ranked"]  # a reference row, never a candidate
+    best = max(choice["candidates"], key=lambda c: (round(val[c["name"]]["auprc"], 3), val[c["name"]]["dice_best"]))
+    assert choice["chosen"] == choice["ranked"][0]
+    assert round(val[best["name"]]["auprc"], 3) == round(val[choice["chosen"]]["auprc"], 3)
+    test = json.loads((cg / "test" / "results.json").read_text())
     names = [r["method"] for r in test["results"]]
     assert names[0] == "chosen" and "guided" in names and "int-flair" in names
     assert test["threshold_source"] == "best Dice on the val split"
-    chosen_m = int(next(c for c in choice["candidates"] if c["name"] == choice["chosen"])["values"]["m"])
-    assert ("int-flair-m3" in names) == (chosen_m == 3)
-    alt = json.loads((flair / "alt" / "test" / "results.json").read_text())
-    assert "int-flair" not in [r["method"] for r in alt["results"]]  # intensity is scored once, by the first arm
-    assert (alt["voxels"], alt["subjects"]) == (test["voxels"], test["subjects"])
+    chosen_m = next(c for c in choice["candidates"] if c["name"] == choice["chosen"])["values"]["m"]
+    assert ("int-flair-m3" in names) == (chosen_m == "3")
+    worst = json.loads((cg / "worst" / "worst.json").read_text())
+    assert worst["diseased_slices"] == test["pathological_slices"] and 0 < len(worst["worst"]) <= 2
 
     results = (work / "RESULTS.md").read_text()
-    for text in ("## Summary (test split)", "### Goals", "### Choice on val", "### Test split"):
+    for text in ("## Summary (test split)", "### Goals", "### Choice on val", "### Test split", "(chosen)"):
         assert text in results, text
-    assert "AUPRC and val-threshold Dice above raw FLAIR: **" in results
-    assert "(chosen)" in results and "every arm's test run scored the same voxels" in results
-    assert "guided above unguided on every metric: **" in results
+    for goal in ("AUPRC and val-threshold Dice above raw FLAIR", "guided above unguided on every metric"):
+        assert f"{goal}: **" in results, goal
     client = MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_names = sorted(r.info.run_name for r in runs)
-    assert run_names.count("evaluate-val") == 2 and run_names.count("evaluate-test") == 2
-    assert {"brats-flair-cg", "brats-flair-alt", "benchmark-brats-flair"} <= set(run_names)
+    assert run_names == ["benchmark-brats-flair", "brats-flair-cg", "evaluate-test", "evaluate-val"]
     bench_run = next(r for r in runs if r.info.run_name == "benchmark-brats-flair")
     assert bench_run.data.params["cg.chosen"] == choice["chosen_spec"]
     assert bench_run.data.metrics["cg.train_seconds"] > 0 and "cg.chosen.auprc" in bench_run.data.metrics
 
-    stamp = (flair / "cg" / "test" / "results.json").stat().st_mtime_ns
-    again = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--arm", "alt=train.ddpm_steps=2")
+    stamp = (cg / "test" / "results.json").stat().st_mtime_ns
+    again = _bench(tmp_path / "data", work, splits, "--arms", "cg")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ " not in again.stdout  # every stage reused: no tool ran
-    assert (flair / "cg" / "test" / "results.json").stat().st_mtime_ns == stamp
-    plan = json.loads((flair / "plan.json").read_text())
+    assert (cg / "test" / "results.json").stat().st_mtime_ns == stamp
+    plan = json.loads((work / "flair" / "plan.json").read_text())
     assert set(plan["status"].values()) == {"reused"}
 
-    changed = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--set", "train.ddpm_steps=3")
-    assert changed.returncode == 1
+    changed = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--arm", "cg=train.ddpm_steps=3")
+    assert changed.returncode == 1 and "$ " not in changed.stdout
     assert changed.stderr.strip().startswith("error:") and "--reuse" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_test_rows_per_arm(tmp_path: Path) -> None:
+    brats = _module("brats")
+    bench = SimpleNamespace(args=SimpleNamespace(extra_test=["x:L=5;s=1"], paper_steps="4"))
+    s = brats.SetRun("all4", ("flair", "t1", "t1c", "t2"), tmp_path, tmp_path / "m.csv", tmp_path / "log.txt")
+    grid = brats.candidates(brats.parse_grid("L=100;s=0,300;K=25;g=slice;r=positive;m=5"))
+    listed = [{"name": c.name, "values": c.values} for c in grid]
+    guided = {"candidates": listed, "chosen": grid[1].name, "guided": grid[1].name, "unguided": grid[0].name}
+    plan = brats.test_methods(bench, s, brats.ARMS["cg"], guided, [5], holds_intensity=True)
+    by_name = {m["name"]: m["spec"] for m in plan["methods"]}
+    assert plan["roles"] == {"chosen": "chosen", "guided": "chosen", "unguided": "best-unguided", "default": "guided"}
+    assert by_name["chosen"] == "chosen:L=100;s=300;K=25;g=slice;r=positive;m=5"
+    assert by_name["best-unguided"].startswith("best-unguided:L=100;s=0;") and by_name["x"] == "x:L=5;s=1"
+    assert plan["intensity"]["t1c"] == ["int-t1c", "int-t1c-m5"] and by_name["int-t1c-m5"] == "int-t1c-m5:c=2;m=5"
+    # an unguided choice still gets the best guided row; an arm without the intensity rows scores none
+    unguided = {**guided, "chosen": grid[0].name}
+    plan = brats.test_methods(bench, s, brats.ARMS["cg"], unguided, [], holds_intensity=False)
+    assert plan["roles"]["guided"] == "best-guided" and plan["roles"]["unguided"] == "chosen"
+    assert plan["intensity"] == {} and not any(m["name"].startswith("int-") for m in plan["methods"])
+    paper = brats.test_methods(bench, s, brats.ARMS["paper"], None, [], holds_intensity=False)
+    assert paper["methods"] == [
+        {"name": "paper", "role": "the paper's recipe", "spec": "paper:L=500;s=100;K=4;g=slice;r=abs"}
+    ]
+    # a grid without s=0: the unguided row is the chosen settings with s=0
+    only = {"candidates": listed[1:], "chosen": grid[1].name, "guided": grid[1].name, "unguided": None}
+    plan = brats.test_methods(bench, s, brats.ARMS["cg"], only, [], holds_intensity=False)
+    assert {m["name"]: m["spec"] for m in plan["methods"]}["unguided-at-chosen"].startswith(
+        "unguided-at-chosen:L=100;s=0;K=25"
+    )
 
 
 def test_bad_options_fail_with_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,6 +212,13 @@ def test_grid_candidates_and_the_choice_rule() -> None:
     ]
     assert brats.candidates(grid)[1].spec == "L100-s300-K25-slice-pos-m0:L=100;s=300;K=25;g=slice;r=positive;m=0"
     assert brats.shared_work(brats.candidates(grid)) == (2, 6)
+    listed = [{"name": c.name, "values": c.values} for c in brats.candidates(grid)]
+    filtered = [{**c, "values": {**c["values"], "m": "5"}} if i == 4 else c for i, c in enumerate(listed)]
+    choices = [
+        {"candidates": filtered, "chosen": filtered[4]["name"], "ranked": [c["name"] for c in filtered]},
+        {"candidates": listed, "chosen": listed[0]["name"]},
+    ]
+    assert brats.chosen_medians(choices) == [5]  # intensity is scored with the chosen map's filter too
     rows = {
         "a": {"auprc": 0.5001, "dice_best": 0.40},
         "b": {"auprc": 0.4999, "dice_best": 0.45},  # ties a at 3 decimals, better Dice
