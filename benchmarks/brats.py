@@ -12,8 +12,9 @@ BraTS 2015 patients have no T1/T2 and are left out of the sets that need them):
 2. train each *arm* (a named list of config overrides on `--config`, default configs/brats64.yaml,
    plus every `--set`) into WORK/SET/ARM/bundle.pt with `adiff train`. Arms: `cg`, today's
    classifier guidance; `paper`, Wolleb et al. 2022's training (mean-pooled classifier, DDPM on
-   tumour-free slices). More: `--arm NAME=KEY=VALUE;KEY=VALUE` (e.g. classifier-free guidance,
-   `--arm cfg=...` with `--arm-grid 'cfg=g=cfg;s=1,3'`: the grid's `s` is then the CFG weight).
+   tumour-free slices); `cfg`, classifier-free guidance (`method=classifier_free`; its grid's `s` is
+   the CFG weight w, `g=cfg;s=0,1,3` unless `--arm-grid 'cfg=...'`), run it with `--arms cg,paper,cfg`.
+   More: `--arm 'NAME=KEY=VALUE;KEY=VALUE'` adds an arm or replaces a known arm's overrides.
 3. choose on val: one `adiff evaluate --split val` scores the arm's candidate grid (`--grid`, the
    product of L, s, K, g, r, m lists in the `adiff evaluate` method grammar) and picks one by
    `brats_report.RULE` (val pixel AUPRC, ties by best Dice).
@@ -30,6 +31,9 @@ the test tables, a summary across channel sets, the goal verdicts and where we l
 Resuming: a stage whose outputs exist and whose inputs (bundle, methods, settings) are unchanged
 is not rerun; `--redo STAGE,...` forces it. A bundle trained with other settings stops the run
 unless `--reuse` (keep it) or `--redo train`; an interrupted training resumes from its checkpoint.
+`--median-3d`, `--erode` and `--min-component` go to every evaluate run (the same post-processing
+for every method, intensity included; with `--median-3d` set the grid's in-plane `m=0`); compare
+such settings in separate WORK folders.
 For a quick CPU run: `--max-volumes`, `--set train.ddpm_steps=...`, a small `--grid`, `--worst 0`.
 """
 
@@ -56,6 +60,7 @@ from anomaly_diffusion.diffusion.guidance import check_guidance
 from anomaly_diffusion.diffusion.sampling import ddim_grid
 from anomaly_diffusion.errors import AdiffError, ConfigError, InputError
 from anomaly_diffusion.evaluation.methods import parse_method
+from anomaly_diffusion.evaluation.postprocess import PostProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL_SETS: dict[str, tuple[str, ...]] = {
@@ -108,6 +113,13 @@ ARMS = {
         "with the paper's decode only (L=500, s=100, slice guidance, abs residual; K=--paper-steps).",
         chooses=False,
         fixed=("paper:L=500;s=100;K={paper_steps};g=slice;r=abs",),
+    ),
+    "cfg": Arm(
+        "cfg",
+        ("method=classifier_free", "explain.guidance=cfg", "explain.scale=3"),
+        "Classifier-free guidance (one label-conditional DDPM on every slice, no classifier); candidates chosen "
+        "on val, where s is the CFG weight w (s=0: the unconditional reconstruction).",
+        grid="g=cfg;s=0,1,3",
     ),
 }
 FIXED_ROLES = {
@@ -277,6 +289,12 @@ class Bench:
         print(f"  ({seconds:.0f} s)", flush=True)
         return done.stdout or "", seconds
 
+    def postprocess_options(self) -> list[str]:
+        """--median-3d, --erode, --min-component as given (the same for every evaluate run and method)."""
+        a = self.args
+        pairs = (("--median-3d", a.median_3d), ("--erode", a.erode), ("--min-component", a.min_component))
+        return [x for flag, value in pairs if value for x in (flag, str(value))]
+
     def fresh(
         self, stage: str, record_path: Path, inputs: dict[str, Any], outputs: list[Path]
     ) -> dict[str, Any] | None:
@@ -302,6 +320,7 @@ class Bench:
             ",".join(methods),
             "--bootstrap",
             str(self.args.bootstrap),
+            *self.postprocess_options(),
             *(["--max-volumes", str(self.args.max_volumes)] if self.args.max_volumes else []),
             "--out",
             str(out),
@@ -475,6 +494,7 @@ def choose(bench: Bench, s: SetRun, arm: Arm, bundle: Path) -> dict[str, Any]:
         "manifest_sha256": sha256(s.manifest),
         "methods": methods,
         "max_volumes": bench.args.max_volumes,
+        "postprocess": bench.postprocess_options(),
         "bootstrap": bench.args.bootstrap,
     }
     out, record_path = folder / "val", folder / "choose.json"
@@ -585,6 +605,7 @@ def score_test(bench: Bench, s: SetRun, arm: Arm, bundle: Path, plan: dict[str, 
         "manifest_sha256": sha256(s.manifest),
         "methods": specs,
         "max_volumes": bench.args.max_volumes,
+        "postprocess": bench.postprocess_options(),
         "bootstrap": bench.args.bootstrap,
         "threshold_split": "val",
     }
@@ -615,6 +636,7 @@ def worst_slices(bench: Bench, s: SetRun, arm: Arm, bundle: Path, choice: dict[s
         "against": against,
         "k": bench.args.worst,
         "max_volumes": bench.args.max_volumes,
+        "postprocess": bench.postprocess_options(),
     }
     out, record_path = folder / "worst", folder / "worst.json"
     key = f"{arm.name}.worst"
@@ -637,6 +659,7 @@ def worst_slices(bench: Bench, s: SetRun, arm: Arm, bundle: Path, choice: dict[s
         "--out",
         str(out),
         *(["--max-volumes", str(bench.args.max_volumes)] if bench.args.max_volumes else []),
+        *bench.postprocess_options(),
     ]
     _, seconds = bench.run(command, s.log)
     write_json(record_path, {"inputs": inputs, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -658,7 +681,7 @@ def check_arm(bench: Bench, s: SetRun, arm: Arm) -> None:
             if method.kind == "diffusion":  # what `bind_methods` checks once a bundle is loaded
                 for level in method.levels:
                     ddim_grid(level, method.steps, cfg.schedule.num_timesteps)
-                check_guidance(method.guidance or cfg.explain.guidance, cfg.classifier.pooling)
+                check_guidance(method.guidance or cfg.explain.guidance, cfg.classifier.pooling, cfg.method)
         except ConfigError as exc:
             raise ConfigError(f"arm {arm.name}: {exc}") from exc
 
@@ -679,6 +702,7 @@ def log_benchmark_run(bench: Bench, s: SetRun, arms: list[Arm], section: str) ->
         "splits_sha256": sha256(bench.args.splits),
         "config": bench.config.name,
         "overrides": ";".join(bench.args.overrides),
+        "postprocess": " ".join(bench.postprocess_options()),
     }
     metrics: dict[str, float] = {"prepare_seconds": float(s.prepare.get("seconds", float("nan")))}
     for arm in arms:
@@ -805,6 +829,12 @@ def main() -> None:
         "--max-volumes", type=int, default=None, help="Score only the first N volumes of each split (quick runs)."
     )
     parser.add_argument("--bootstrap", type=int, default=1000)
+    for flag, text in (
+        ("--median-3d", "3D median filter of every map"),
+        ("--erode", "brain-mask erosion in voxels"),
+        ("--min-component", "binary maps drop 3D components below N voxels"),
+    ):
+        parser.add_argument(flag, type=int, default=0, help=f"adiff evaluate's {flag} for every run: {text}.")
     parser.add_argument("--worst", type=int, default=6, help="Slices in the worst-slices montage (0: skip that stage).")
     parser.add_argument("--probe", action="store_true", help="Run benchmarks/probe.py on each trained bundle.")
     parser.add_argument(
@@ -829,6 +859,7 @@ def main() -> None:
             args.redo = list(STAGES)
         if unknown := sorted(set(args.redo) - set(STAGES)):
             raise ConfigError(f"--redo: unknown stages {unknown}; use {', '.join(STAGES)} or all")
+        PostProcess(args.median_3d, args.erode, args.min_component)  # checked before any work
         if args.max_volumes is not None and args.max_volumes < 1:
             raise ConfigError("--max-volumes must be >= 1")
         sets = [x.strip() for x in args.channel_sets.split(",") if x.strip()]
@@ -880,6 +911,7 @@ def main() -> None:
             ),
             "overrides": args.overrides,
             "max_volumes": args.max_volumes,
+            "postprocess": PostProcess(args.median_3d, args.erode, args.min_component).describe(),
         }
         runs = [set_run(bench, name) for name in sets]
         for s in runs:  # every arm's config and methods are checked before any work

@@ -527,7 +527,8 @@ def set_section(plan: dict[str, Any], arms: list[ArmData]) -> list[str]:
             f"{len(r0['subjects'])} test volume(s), {r0['voxels']} scored voxels, {r0['lesion_voxels']} lesion voxels, "
             f"{r0['pathological_slices']} diseased and {r0['healthy_slices']} lesion-free slices; every arm's "
             f"test run scored {'the same voxels' if same else 'DIFFERENT voxels (check the arms data settings)'}. "
-            f"Threshold for Dice (val thr.) and @FPR: {r0['threshold_source']}.",
+            f"Threshold for Dice (val thr.) and @FPR: {r0['threshold_source']}. Post-processing of every map: "
+            f"{r0.get('postprocess', 'none')}.",
             "",
         ]
     header = [
@@ -586,7 +587,8 @@ def render(work: Path) -> str:
         "",
         f"Split file `{meta.get('splits', '')}` (sha256 {str(meta.get('splits_sha256', ''))[:12]}); config "
         f"`{meta.get('config', '')}`; overrides for every training: "
-        f"{', '.join(f'`{o}`' for o in meta.get('overrides', [])) or 'none'}. Patient-level splits: train "
+        f"{', '.join(f'`{o}`' for o in meta.get('overrides', [])) or 'none'}; post-processing of every map in "
+        f"every evaluate run: {meta.get('postprocess', 'none')}. Patient-level splits: train "
         "trains, val chooses every setting (L, s, K, guidance, residual, filter, thresholds), test is scored once "
         "per reported configuration. All runs are in the MLflow store `mlruns.db` here.",
         "",

@@ -4,9 +4,10 @@
         --against 'flair:c=0' --split test --k 6 --out DIR
 
 Scores both detectors on every diffusion-scored voxel of the split's volumes with the package's
-own pipeline (`evaluation.scoring.score_volumes`, the voxels `adiff evaluate` scores), takes each
-diseased slice's Dice at its own Otsu threshold (the paper's per-slice protocol), and ranks the
-slices by `Dice(against) - Dice(method)`. Writes:
+own pipeline (`evaluation.scoring.score_volumes`, the voxels `adiff evaluate` scores, with the same
+`--median-3d`, `--erode`, `--min-component` post-processing), takes each diseased slice's Dice at
+its own Otsu threshold (the paper's per-slice protocol), and ranks the slices by
+`Dice(against) - Dice(method)`. Writes:
 - DIR/worst.png: input | healthy counterfactual | map | ground truth for the K slices where the
   map loses most (model resolution, channel 0, the map before any median filter; the titles give
   both Dice values, which are on the input grid and filtered, and the lesion area);
@@ -28,9 +29,11 @@ import numpy as np
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.errors import AdiffError, InputError
 from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
+from anomaly_diffusion.evaluation.postprocess import PostProcess
+from anomaly_diffusion.evaluation.results import otsu_slice_dice
 from anomaly_diffusion.evaluation.scoring import VolumeScores, score_volumes
 from anomaly_diffusion.files import atomic_write_bytes
-from anomaly_diffusion.metrics import SIZE_BINS_MM2, per_slice_otsu_dice, size_bin
+from anomaly_diffusion.metrics import SIZE_BINS_MM2, size_bin
 from anomaly_diffusion.plots import evaluation_montage
 from anomaly_diffusion.runtime import prepare_for_inference
 from anomaly_diffusion.usecases.common import load_model
@@ -53,12 +56,16 @@ class SliceRow:
         return self.dice_against - self.dice_method
 
 
-def slice_table(volumes: list[VolumeScores], method: str, against: str) -> list[SliceRow]:
-    """Every diseased slice of the volumes, the largest deficit (where `method` loses most) first."""
+def slice_table(volumes: list[VolumeScores], method: str, against: str, min_component: int = 0) -> list[SliceRow]:
+    """Every diseased slice of the volumes, the largest deficit (where `method` loses most) first.
+
+    Dice at each slice's own Otsu threshold as `adiff evaluate` takes it (`otsu_slice_dice`: eroded
+    brain rim and components of fewer than `min_component` voxels left out of the binary map).
+    """
     rows = []
     for v in volumes:
-        ours = per_slice_otsu_dice(v.scores[method], v.truth, v.slice_ids)
-        theirs = per_slice_otsu_dice(v.scores[against], v.truth, v.slice_ids)
+        ours = otsu_slice_dice(v, method, min_component)
+        theirs = otsu_slice_dice(v, against, min_component)
         for k, dice in ours.items():
             area = float(v.truth[v.slice_ids == k].sum()) * v.pixel_area_mm2
             rows.append(SliceRow(v.subject, int(k), area, size_bin(area), float(dice), float(theirs[k])))
@@ -91,8 +98,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=6, help="Slices in the montage.")
     parser.add_argument("--max-volumes", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--median-3d", type=int, default=0, help="As adiff evaluate's (every map).")
+    parser.add_argument("--erode", type=int, default=0, help="As adiff evaluate's.")
+    parser.add_argument("--min-component", type=int, default=0, help="As adiff evaluate's.")
     args = parser.parse_args()
     try:
+        postprocess = PostProcess(args.median_3d, args.erode, args.min_component)
         bundle, _, _ = load_model(args.bundle, "sqlite:///:memory:")
         bundle = prepare_for_inference(bundle)
         specs = [args.method.replace(";", ","), args.against.replace(";", ",")]
@@ -102,11 +113,11 @@ def main() -> None:
         rows = [r for r in read_manifest(args.manifest) if r.split == args.split][: args.max_volumes]
         if not rows:
             raise InputError(f"{args.manifest}: no subjects in the {args.split} split")
-        volumes = score_volumes(bundle, rows, methods)
+        volumes = score_volumes(bundle, rows, methods, postprocess=postprocess)
     except AdiffError as exc:
         sys.exit(f"error: {exc}")
     method, against = methods[0].name, methods[1].name
-    table = slice_table(volumes, method, against)
+    table = slice_table(volumes, method, against, postprocess.min_component)
     examples = {(v.subject, k): ex for v in volumes for k, ex in v.examples.items()}
     worst = [r for r in table if (r.subject, r.slice) in examples][: args.k]
     montage = [
@@ -123,6 +134,7 @@ def main() -> None:
         "method": method,
         "against": against,
         "split": args.split,
+        "postprocess": postprocess.describe(),
         "diseased_slices": len(table),
         "method_wins": sum(r.deficit < 0 for r in table),
         "against_wins": sum(r.deficit > 0 for r in table),

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from anomaly_diffusion.errors import ConfigError
+
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "benchmarks" / "brats.py"
 pytestmark = pytest.mark.slow
@@ -93,7 +95,7 @@ def test_benchmark_runs_every_stage_then_resumes_without_rerunning(tmp_path: Pat
     subjects = {f"Brats18_X_{i}_1": split for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2)}
     splits = _brats2018(tmp_path / "data", subjects)
     work = tmp_path / "work"
-    done = _bench(tmp_path / "data", work, splits, "--arms", "cg")
+    done = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--min-component", "2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cg = work / "flair" / "cg"
     for path in ("bundle.pt", "val/results.json", "test/results.json", "worst/worst.png", "worst/worst.json"):
@@ -114,10 +116,12 @@ def test_benchmark_runs_every_stage_then_resumes_without_rerunning(tmp_path: Pat
     names = [r["method"] for r in test["results"]]
     assert names[0] == "chosen" and "guided" in names and "int-flair" in names
     assert test["threshold_source"] == "best Dice on the val split"
+    assert test["postprocess"] == "binary components < 2 voxels dropped"
     chosen_m = next(c for c in choice["candidates"] if c["name"] == choice["chosen"])["values"]["m"]
     assert ("int-flair-m3" in names) == (chosen_m == "3")
     worst = json.loads((cg / "worst" / "worst.json").read_text())
     assert worst["diseased_slices"] == test["pathological_slices"] and 0 < len(worst["worst"]) <= 2
+    assert worst["postprocess"] == test["postprocess"]
 
     results = (work / "RESULTS.md").read_text()
     for text in ("## Summary (test split)", "### Goals", "### Choice on val", "### Test split", "(chosen)"):
@@ -133,14 +137,16 @@ def test_benchmark_runs_every_stage_then_resumes_without_rerunning(tmp_path: Pat
     assert bench_run.data.metrics["cg.train_seconds"] > 0 and "cg.chosen.auprc" in bench_run.data.metrics
 
     stamp = (cg / "test" / "results.json").stat().st_mtime_ns
-    again = _bench(tmp_path / "data", work, splits, "--arms", "cg")
+    again = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--min-component", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ " not in again.stdout  # every stage reused: no tool ran
     assert (cg / "test" / "results.json").stat().st_mtime_ns == stamp
     plan = json.loads((work / "flair" / "plan.json").read_text())
     assert set(plan["status"].values()) == {"reused"}
 
-    changed = _bench(tmp_path / "data", work, splits, "--arms", "cg", "--arm", "cg=train.ddpm_steps=3")
+    changed = _bench(
+        tmp_path / "data", work, splits, "--arms", "cg", "--arm", "cg=train.ddpm_steps=3", "--min-component", "2"
+    )
     assert changed.returncode == 1 and "$ " not in changed.stdout
     assert changed.stderr.strip().startswith("error:") and "--reuse" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
@@ -194,6 +200,19 @@ def test_bad_options_fail_with_one_line_before_any_work(tmp_path: Path, monkeypa
         text = str(exited.value.code)
         assert text.startswith("error:") and message in text and "\n" not in text, text
     assert not (work / "flair" / "manifest-flair.csv").exists()
+
+
+def test_every_known_arm_fits_the_brats64_config(tmp_path: Path) -> None:
+    brats = _module("brats")
+    args = SimpleNamespace(overrides=[], grid=brats.DEFAULT_GRID, paper_steps="25", extra_test=[])
+    bench = SimpleNamespace(args=args, config=ROOT / "configs" / "brats64.yaml", arm_grids={})
+    s = brats.SetRun("all4", ("flair", "t1", "t1c", "t2"), tmp_path, tmp_path / "m.csv", tmp_path / "log.txt")
+    for arm in brats.ARMS.values():
+        brats.check_arm(bench, s, arm)  # raises ConfigError on a config or method that cannot run
+    cfg = brats.arm_grid(bench, brats.ARMS["cfg"])
+    assert {c.values["g"] for c in cfg} == {"cfg"} and sorted({c.values["s"] for c in cfg}) == ["0", "1", "3"]
+    with pytest.raises(ConfigError, match="needs a classifier"):  # the global grid's g=slice on a CFG model
+        brats.check_arm(bench, s, brats.parse_arm("cfg2=method=classifier_free;explain.guidance=cfg"))
 
 
 def test_grid_candidates_and_the_choice_rule() -> None:
