@@ -376,7 +376,12 @@ def measure_demo(amp: bool, threads: int | None, steps: int, work: str) -> dict[
     explain_s = []
     for _, row in held_out_cases(manifest):
         request = ExplainRequest(
-            list(row.images), root / "explain", uri, trained.result.bundle_path, mask=row.mask, overwrite=True
+            scans=list(row.images),
+            out_dir=root / "explain",
+            tracking_uri=uri,
+            model=trained.result.bundle_path,
+            mask=row.mask,
+            overwrite=True,
         )
         explain_s.append(run_explain(request).seconds)
     other_s = train_s - sum(per_step[p] * steps for p in per_step)  # data loading, snapshots, bundle, MLflow

@@ -62,6 +62,7 @@ from anomaly_diffusion.tracking import (
 )
 from anomaly_diffusion.usecases.explain import (
     Explainer,
+    ExplainOptions,
     ExplainRequest,
     explain_study,
     load_explainer,
@@ -208,9 +209,9 @@ def list_studies(source: CohortSource, out_dir: Path) -> list[Study]:
     return studies
 
 
-@dataclass(frozen=True)
-class CohortRequest:
-    """A cohort to explain and how; the model and method options are `ExplainRequest`'s (checked there).
+@dataclass(frozen=True, kw_only=True)
+class CohortRequest(ExplainOptions):
+    """A cohort to explain, with the model and method options of `ExplainOptions` (checked there).
 
     Attributes:
         source: the manifest or the folder with its channel patterns.
@@ -219,29 +220,11 @@ class CohortRequest:
     """
 
     source: CohortSource
-    out_dir: Path
-    tracking_uri: str
-    model: Path | str | None = None
-    noise_level: int | None = None
-    scale: float | None = None
-    steps: int | None = None
-    guidance: str | None = None
-    residual: str | None = None
-    batch_size: int | None = None
-    threshold: float | None = None
-    overwrite: bool = False
-    device: str = "auto"
-    compile_networks: bool = False
-    fp32: bool = False
-    encoding: str | None = None
-    decoding: str | None = None
-    ensemble_levels: Sequence[int] = ()
-    draws: int = 1
 
     @classmethod
     def like(cls, request: ExplainRequest, source: CohortSource) -> CohortRequest:
         """The cohort form of a one-scan request: its output folder, model and method options."""
-        shared = {f.name: getattr(request, f.name) for f in fields(cls) if f.name != "source"}
+        shared = {f.name: getattr(request, f.name) for f in fields(ExplainOptions)}
         return cls(source=source, **shared)
 
 

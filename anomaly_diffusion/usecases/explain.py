@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import quote
 
 import numpy as np
@@ -36,15 +35,14 @@ REVIEW_KEYS = ("review/1_input", "review/2_counterfactual", "review/3_map")
 """The run's image series, one per view, each stepped by the input's slice number (the UI sorts charts by key)."""
 
 
-@dataclass(frozen=True)
-class ExplainRequest:
-    """What to explain and how; None takes the model's `explain` default.
+@dataclass(frozen=True, kw_only=True)
+class ExplainOptions:
+    """The model and method options of one explanation, or of every study of a cohort; None takes the
+    model's `explain` default. Checked once here (the settings themselves by `explain_settings`).
 
     Attributes:
-        scans: one NIfTI file or DICOM series folder per model channel.
         model: a bundle file, `models:/NAME/VERSION` or `models:/NAME@ALIAS`; None: the newest bundle.
         noise_level, scale, steps, guidance, residual, batch_size: `explain_settings` overrides.
-        mask: a ground-truth lesion mask (adds Dice/AUPRC against it); brainmask: the foreground.
         threshold: anomaly-volume threshold (None: the model's, else Otsu on this scan).
         compile_networks, fp32: `runtime.prepare_for_inference` options.
         encoding: an `ENCODINGS` name (None: 'ddim'); decoding: a `DECODINGS` name (None: the model's).
@@ -55,7 +53,6 @@ class ExplainRequest:
             (every k-th when there are more), 0 none.
     """
 
-    scans: Sequence[Path]
     out_dir: Path
     tracking_uri: str
     model: Path | str | None = None
@@ -65,8 +62,6 @@ class ExplainRequest:
     guidance: str | None = None
     residual: str | None = None
     batch_size: int | None = None
-    mask: Path | None = None
-    brainmask: Path | None = None
     threshold: float | None = None
     overwrite: bool = False
     device: str = "auto"
@@ -96,6 +91,20 @@ class ExplainRequest:
         return max(len(self.ensemble_levels), 1) * self.draws
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExplainRequest(ExplainOptions):
+    """One scan to explain, with `ExplainOptions`.
+
+    Attributes:
+        scans: one NIfTI file or DICOM series folder per model channel.
+        mask: a ground-truth lesion mask (adds Dice/AUPRC against it); brainmask: the foreground.
+    """
+
+    scans: Sequence[Path]
+    mask: Path | None = None
+    brainmask: Path | None = None
+
+
 @dataclass(frozen=True)
 class ExplainOutcome:
     """Files and numbers of one explained scan."""
@@ -117,43 +126,6 @@ def parse_levels(text: str) -> tuple[int, ...]:
     except ValueError as exc:
         raise ConfigError(f"--ensemble must be noise levels joined by '+', e.g. 100+200, got {text!r}") from exc
     return levels
-
-
-class ModelOptions(Protocol):
-    """The model and method options an `Explainer` is made from (`ExplainRequest`, `CohortRequest`)."""
-
-    @property
-    def tracking_uri(self) -> str: ...
-    @property
-    def model(self) -> Path | str | None: ...
-    @property
-    def noise_level(self) -> int | None: ...
-    @property
-    def scale(self) -> float | None: ...
-    @property
-    def steps(self) -> int | None: ...
-    @property
-    def guidance(self) -> str | None: ...
-    @property
-    def residual(self) -> str | None: ...
-    @property
-    def batch_size(self) -> int | None: ...
-    @property
-    def threshold(self) -> float | None: ...
-    @property
-    def device(self) -> str: ...
-    @property
-    def compile_networks(self) -> bool: ...
-    @property
-    def fp32(self) -> bool: ...
-    @property
-    def encoding(self) -> str | None: ...
-    @property
-    def decoding(self) -> str | None: ...
-    @property
-    def ensemble_levels(self) -> Sequence[int]: ...
-    @property
-    def draws(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -198,7 +170,7 @@ class Explainer:
         return tags
 
 
-def load_explainer(options: ModelOptions, announce: Callable[[str], None] | None = None) -> Explainer:
+def load_explainer(options: ExplainOptions, announce: Callable[[str], None] | None = None) -> Explainer:
     """Load the model of `options` (None: the newest bundle, said to `announce`) and check its explain settings once."""
     o = options
     bundle, bundle_name, model_ref = load_model(o.model, o.tracking_uri, o.device, announce)
