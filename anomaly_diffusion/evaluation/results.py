@@ -407,14 +407,6 @@ def _bootstrap(
     edges = _histogram_edges(np.concatenate([v.scores[name] for v in volumes]))
     counts = [histogram_counts(v.scores[name], v.truth, edges) for v in volumes]
 
-    def curve(metric: str) -> Callable[[np.ndarray], float]:
-        def statistic(indices: np.ndarray) -> float:
-            pos = np.sum([counts[i][0] for i in indices], axis=0)
-            neg = np.sum([counts[i][1] for i in indices], axis=0)
-            return counts_metrics(pos, neg)[metric]
-
-        return statistic
-
     def otsu_dice(indices: np.ndarray) -> float:
         values = [d for i in indices for d in slice_dice[i].values()]
         return float(np.mean(values)) if values else float("nan")
@@ -427,9 +419,12 @@ def _bootstrap(
     def slice_auroc(indices: np.ndarray) -> float:
         return auroc(np.concatenate([maxima[i] for i in indices]), np.concatenate([labels[i] for i in indices]))
 
-    ci = {metric: bootstrap_interval(curve(metric), len(volumes), n, seed) for metric in ("auroc", "auprc")}
+    ci = {
+        metric: bootstrap_interval(_pooled_curve_metric(counts, metric), len(volumes), n, seed)
+        for metric in ("auroc", "auprc")
+    }
     if chosen.table is None:
-        ci["dice_best"] = bootstrap_interval(curve("dice_best"), len(volumes), n, seed)
+        ci["dice_best"] = bootstrap_interval(_pooled_curve_metric(counts, "dice_best"), len(volumes), n, seed)
     else:
         table = chosen.table
 
@@ -442,6 +437,18 @@ def _bootstrap(
     ci["dice_chosen"] = bootstrap_interval(dice_chosen, len(volumes), n, seed)
     ci["slice_auroc_max"] = bootstrap_interval(slice_auroc, len(volumes), n, seed)
     return ci
+
+
+def _pooled_curve_metric(counts: Sequence[tuple[np.ndarray, np.ndarray]], metric: str) -> Callable[[np.ndarray], float]:
+    """A bootstrap statistic: `metric` (AUROC, AUPRC, best Dice) pooled over the volumes drawn (`indices`),
+    from each volume's (positive, negative) score-histogram counts."""
+
+    def statistic(indices: np.ndarray) -> float:
+        pos = np.sum([counts[i][0] for i in indices], axis=0)
+        neg = np.sum([counts[i][1] for i in indices], axis=0)
+        return counts_metrics(pos, neg)[metric]
+
+    return statistic
 
 
 def _patient_bootstrap(per_volume: list[dict[str, float]], n: int, seed: int) -> dict[str, tuple[float, float]]:
@@ -463,16 +470,9 @@ def _small_bootstrap(
     edges = _histogram_edges(np.concatenate(chosen))
     counts = [histogram_counts(s, v.truth[m], edges) for s, v, m in zip(chosen, volumes, masks, strict=True)]
 
-    def curve(metric: str) -> Callable[[np.ndarray], float]:
-        def statistic(indices: np.ndarray) -> float:
-            pos = np.sum([counts[i][0] for i in indices], axis=0)
-            neg = np.sum([counts[i][1] for i in indices], axis=0)
-            return counts_metrics(pos, neg)[metric]
-
-        return statistic
-
     return {
-        f"small.{metric}": bootstrap_interval(curve(metric), len(volumes), n, seed) for metric in ("auroc", "auprc")
+        f"small.{metric}": bootstrap_interval(_pooled_curve_metric(counts, metric), len(volumes), n, seed)
+        for metric in ("auroc", "auprc")
     }
 
 
