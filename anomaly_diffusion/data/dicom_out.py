@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -230,14 +230,7 @@ def parametric_map(
     return hd.pm.ParametricMap(
         source_images=images,
         pixel_array=frames.astype(np.float32),
-        series_instance_uid=hd.UID(),
-        series_number=_series_number(source, output),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
-        device_serial_number="0",
+        **_new_series(source, output),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[_window(frames)],
@@ -245,6 +238,22 @@ def parametric_map(
         content_label=label,
         series_description=description,
     )
+
+
+def _new_series(source: DicomSource, output: str) -> dict[str, Any]:
+    """The highdicom arguments every derived object shares: a new series and instance, and who made it."""
+    import highdicom as hd
+
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": _series_number(source, output),
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": __version__,
+        "device_serial_number": "0",
+    }
 
 
 def segmentation(source: DicomSource, mask: np.ndarray, threshold: float) -> hd.seg.Segmentation:
@@ -267,14 +276,7 @@ def segmentation(source: DicomSource, mask: np.ndarray, threshold: float) -> hd.
         pixel_array=frames.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=_series_number(source, "anomaly_seg"),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
-        device_serial_number="0",
+        **_new_series(source, "anomaly_seg"),
         omit_empty_frames=False,  # one frame per source slice, empty or not
         content_description=f"adiff anomaly score above {threshold:.4g}"[:64],
         series_description="adiff anomaly segmentation",
