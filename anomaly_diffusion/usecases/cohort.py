@@ -508,7 +508,16 @@ def _explain_one(
 
         try:
             result = explain_study(
-                explainer, study.images, folder, study.mask, study.brainmask, True, hooks.slices, say, compute=False
+                explainer,
+                study.images,
+                folder,
+                study.mask,
+                study.brainmask,
+                True,
+                hooks.slices,
+                say,
+                compute=False,
+                review_slices=r.review_slices,
             )
         except (KeyboardInterrupt, TrackingError):
             raise

@@ -453,3 +453,27 @@ def test_torchrun_explains_each_study_once_and_rank_0_writes_the_summary(tmp_pat
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(c.info.run_name for c in children) == ["s0", "s1", "s2", "s3"]
     assert parent.data.tags["adiff.world_size"] == "2"
+
+
+def test_review_slices_reaches_every_study_of_a_cohort(tmp_path: Path, tracking_uri: str) -> None:
+    manifest = _manifest(tmp_path / "data", 2)
+    bundle = _bundle(tmp_path / "bundle.pt")
+    code, output = _explain(
+        manifest,
+        "--checkpoint",
+        bundle,
+        "--out",
+        tmp_path / "out",
+        "--tracking-uri",
+        tracking_uri,
+        "--review-slices",
+        "2",
+    )
+    assert code == 0, output
+    client = MlflowClient(tracking_uri)
+    children = [r for r in _runs(tracking_uri) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        logged = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
+        steps = {p.split("+step+")[1].split("+")[0] for p in logged if p.startswith("images/review~1_input+step+")}
+        assert len(steps) == 2, logged  # the cap of 2, not the default 200 (the volumes have 10 slices)
