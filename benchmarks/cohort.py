@@ -9,12 +9,13 @@ untrained weights (the output layers randomised so nothing is trivially zero: th
 explanation depends on the architecture and the explain settings, not on the weights). Then runs
 the real `adiff explain MANIFEST` on it twice into fresh output folders and MLflow stores:
 
+- 1 process with `--threads 1` (one core: the unit N processes scale from),
 - 1 process with `--threads C` (C = --cores, all the cores),
 - `torchrun --nproc_per_node=N` with OMP_NUM_THREADS = C / N per process,
 
 and prints, for each, the wall time of the command (Python start, model load, MLflow included),
 studies/hour from it, studies/hour inside the run (the parent run's `studies_per_hour` metric:
-from the cohort's start to its summary), the seconds per study, and N processes vs 1. Nothing
+from the cohort's start to its summary), the seconds per study, and N processes against each single-process run. Nothing
 here is a test: numbers vary with the machine and its load (look at `uptime` first).
 """
 
@@ -44,10 +45,11 @@ def build(work: Path, studies: int, config: str) -> tuple[Path, Path]:
     from anomaly_diffusion.usecases.common import packaged_config
 
     data = work / "data"
-    manifest = data / "manifest.csv"
-    if not manifest.is_file():
+    rows = read_manifest(data / "manifest.csv") if (data / "manifest.csv").is_file() else []
+    if len(rows) < studies:
         built = build_demo_dataset(data, n_subjects=max(studies, 4), lesion_kinds=("bright", "grey"))
-        write_manifest(read_manifest(built)[:studies], manifest)
+        rows = read_manifest(built)
+    manifest = write_manifest(rows[:studies], data / f"cohort-{studies}.csv")
     cfg = load_config(packaged_config(config) if config in ("default", "demo", "tiny") else Path(config))
     channels = cfg.data.image_channels
     torch.manual_seed(0)
@@ -77,7 +79,12 @@ def in_run_rate(uri: str) -> float:
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("anomaly_diffusion")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`adiff.kind` = 'explain-cohort'")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`adiff.kind` = 'explain-cohort'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return float(parent.data.metrics["studies_per_hour"])
 
 
@@ -101,15 +108,17 @@ def main() -> None:
     per_process = max(args.cores // args.processes, 1)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}"]
     setups = {
+        "1 process x 1 thread": ([sys.executable, *explain], 1),
         f"1 process x {args.cores} threads": ([sys.executable, *explain], args.cores),
         f"{args.processes} processes x {per_process} thread(s)": ([*torchrun, *explain], per_process),
     }
     for i, (name, (command, threads)) in enumerate(setups.items()):
+        (work / f"run{i}.db").unlink(missing_ok=True)  # a fresh store: one cohort parent run in it
         uri = f"sqlite:///{work / f'run{i}.db'}"
         out = work / f"out{i}"
         command = [*command, "--out", str(out), "--tracking-uri", uri, "--overwrite"]
         env = {**base_env, "OMP_NUM_THREADS": str(threads)}
-        if i == 0:
+        if "torch.distributed.run" not in command:
             command += ["--threads", str(threads)]
         seconds = run(f"run{i}", command, env, work)
         results[name] = (seconds, in_run_rate(uri))
@@ -117,8 +126,9 @@ def main() -> None:
     print(f"{'setup':<28} {'wall s':>7} {'studies/h':>10} {'in-run studies/h':>17} {'s/study':>8}")
     for name, (seconds, rate) in results.items():
         print(f"{name:<28} {seconds:>7.0f} {args.studies / seconds * 3600:>10.1f} {rate:>17.1f} {3600 / rate:>8.1f}")
-    (one_s, one_rate), (many_s, many_rate) = results.values()
-    print(f"{args.processes} processes vs 1: {one_s / many_s:.2f}x wall, {many_rate / one_rate:.2f}x in-run")
+    *singles, (_, (many_s, many_rate)) = results.items()
+    for name, (one_s, one_rate) in singles:
+        print(f"{args.processes} processes vs {name}: {one_s / many_s:.2f}x wall, {many_rate / one_rate:.2f}x in-run")
 
 
 if __name__ == "__main__":
