@@ -24,6 +24,7 @@ from anomaly_diffusion.runtime import set_threads
 from anomaly_diffusion.terminal import (
     FLAG,
     BatchSize,
+    Command,
     Compile,
     Device,
     Fp32,
@@ -72,7 +73,7 @@ def _distributed_context() -> Any:
     return init_distributed(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def train(
     config: Annotated[
@@ -139,7 +140,7 @@ def train(
     print_trained(outcome, uri)
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def explain(
     scans: Annotated[
@@ -271,7 +272,7 @@ def _explain_cohort(request: Any) -> None:
         outcome.raise_for_failures()
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def evaluate(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV; the split's rows need lesion masks.")],
@@ -385,7 +386,7 @@ def evaluate(
     out.print(f"mlflow run: {outcome.run_id}   time: {outcome.seconds:.0f} s", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def demo(
     work_dir: Annotated[Path, typer.Option("--work-dir", help="Where the demo dataset and runs go.")] = Path(
@@ -411,7 +412,7 @@ def demo(
     print_demo(outcome)
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def register(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
@@ -426,7 +427,7 @@ def register(
     out.print(f"registered models:/{name}/{version}" + (f" (alias @{alias})" if alias else ""), highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def inspect(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest CSV.")],
@@ -451,7 +452,7 @@ def inspect(
         )
 
 
-@app.command()
+@app.command(cls=Command)
 @one_line_errors
 def ui(
     port: Annotated[int, typer.Option("--port", help="First port to try.")] = 5000,
@@ -480,7 +481,7 @@ def ui(
         out.print("stopped", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def version() -> None:
     """Print the package version."""
     out.print(__version__)

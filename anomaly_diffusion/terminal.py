@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import AdiffError
@@ -40,8 +40,25 @@ def _parameter_name(exc: typer.BadParameter) -> str:
     return str(getattr(param, "human_readable_name", None) or "argument")
 
 
+def _help_without_value(option: Any) -> Any:
+    """`--help` is a flag: no `<bool>` value column for it in --help (as `FLAG` does for ours)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class Command(TyperCommand):
+    """Every adiff subcommand (`@app.command(cls=Command)`): its `--help` row shows no `<bool>`."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_without_value(super().get_help_option(ctx))
+
+
 class OneLineErrors(TyperGroup):
     """Option values the parser refuses (a wrong type, a choice not offered) give one `error:` line, exit 1."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_without_value(super().get_help_option(ctx))
 
     def main(  # type: ignore[override]
         self,
@@ -218,7 +235,7 @@ def print_data(summary: dict[str, dict[str, int]]) -> None:
 def run_tool(function: Callable[..., None]) -> None:
     """Run a data_prep script's typer function with the CLI's one-line error handling."""
     tool = typer.Typer(cls=OneLineErrors, pretty_exceptions_enable=False, add_completion=False)
-    tool.command()(one_line_errors(function))
+    tool.command(cls=Command)(one_line_errors(function))
     tool()
 
 

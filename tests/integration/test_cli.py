@@ -301,3 +301,8 @@ def test_help_names_the_model_defaults_and_flags_take_no_value() -> None:
     assert "cfg" in text  # the classifier-free target is a --guidance choice
     flags = [line for line in result.output.splitlines() if "--overwrite" in line or "--fp32" in line]
     assert len(flags) == 2 and not any("<bool>" in line for line in flags)
+    # no command's own --help row (nor the group's) shows a value either
+    for command in ([], ["train"], ["explain"], ["evaluate"], ["demo"], ["ui"]):
+        output = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"}).output
+        rows = [line for line in output.splitlines() if "Show this message and exit" in line]
+        assert len(rows) == 1 and "<bool>" not in output, (command, rows)
