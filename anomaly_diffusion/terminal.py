@@ -47,20 +47,15 @@ def _help_without_value(option: Any) -> Any:
     return option
 
 
-class Command(TyperCommand):
-    """Every adiff subcommand (`@app.command(cls=Command)`): its `--help` row shows no `<bool>`."""
+class _OneLine:
+    """Option values the parser refuses (a wrong type, a choice not offered) give one `error:` line, exit 1;
+    the `--help` row shows no `<bool>`. Mixed into the adiff group and every command: typer runs a
+    one-command app (the data_prep tools) as that command alone, without its group."""
 
     def get_help_option(self, ctx: Any) -> Any:
-        return _help_without_value(super().get_help_option(ctx))
+        return _help_without_value(super().get_help_option(ctx))  # type: ignore[misc]
 
-
-class OneLineErrors(TyperGroup):
-    """Option values the parser refuses (a wrong type, a choice not offered) give one `error:` line, exit 1."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        return _help_without_value(super().get_help_option(ctx))
-
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -68,9 +63,9 @@ class OneLineErrors(TyperGroup):
         **extra: Any,
     ) -> Any:
         if not standalone_mode:
-            return super().main(args, prog_name, standalone_mode=False, **extra)
+            return super().main(args, prog_name, standalone_mode=False, **extra)  # type: ignore[misc]
         try:
-            code = super().main(args, prog_name, standalone_mode=False, **extra)
+            code = super().main(args, prog_name, standalone_mode=False, **extra)  # type: ignore[misc]
         except typer.BadParameter as exc:
             if exc.message.startswith("must "):  # `choice`'s refusal names the option itself
                 _error_line(f"{_parameter_name(exc)} {exc.message}")
@@ -81,13 +76,21 @@ class OneLineErrors(TyperGroup):
             sys.exit(1)
         except typer.TyperException as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `adiff` alone: the help, as typer prints it
-                super().main(args, prog_name, standalone_mode=True, **extra)
+                super().main(args, prog_name, standalone_mode=True, **extra)  # type: ignore[misc]
             _error_line(exc.format_message() if hasattr(exc, "format_message") else str(exc))
             sys.exit(1)
         except typer.Abort:
             console.print("[bold red]interrupted[/]", highlight=False)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class OneLineErrors(_OneLine, TyperGroup):  # type: ignore[misc]
+    """The adiff command group (`typer.Typer(cls=OneLineErrors)`)."""
+
+
+class Command(_OneLine, TyperCommand):  # type: ignore[misc]
+    """Every adiff subcommand and data_prep tool (`@app.command(cls=Command)`)."""
 
 
 def choice(names: Sequence[str]) -> dict[str, Any]:

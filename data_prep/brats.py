@@ -24,7 +24,7 @@ import typer
 
 from anomaly_diffusion.data.manifest import SPLITS, ManifestRow, Split, assign_splits, split_counts, write_manifest
 from anomaly_diffusion.errors import InputError
-from anomaly_diffusion.terminal import run_tool
+from anomaly_diffusion.terminal import FLAG, run_tool
 
 BRATS2015 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
 BRATS2020 = {"flair": "flair", "t1c": "t1ce", "t1": "t1", "t2": "t2"}
@@ -108,7 +108,7 @@ def main(
         Path | None, typer.Option("--splits", help="CSV subject,split giving every subject's split.")
     ] = None,
     skip_incomplete: Annotated[
-        bool, typer.Option("--skip-incomplete", help="Leave out subjects lacking a channel instead of failing.")
+        bool, typer.Option("--skip-incomplete", help="Leave out subjects lacking a channel instead of failing.", **FLAG)
     ] = False,
 ) -> None:
     """Write a manifest for one or more BraTS folders."""

@@ -110,3 +110,27 @@ def test_two_roots_with_a_split_file_and_subjects_lacking_a_channel(tmp_path: Pa
     splits.write_text("subject,split\npat1,val\nBrats18_X_0_1,test\n")
     unlisted = subprocess.run([*base, "--channels", "flair"], capture_output=True, text=True, check=False)
     assert unlisted.returncode == 1 and "no split for 2 subjects found" in unlisted.stderr
+
+
+def test_values_the_parser_refuses_get_one_error_line_and_help_shows_no_bool(tmp_path: Path) -> None:
+    """A data_prep tool is a one-command typer app, run without adiff's group: its refusals are still one line."""
+    env = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "PATH": "/usr/bin:/bin"}
+    missing = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "missing"), "--out", str(tmp_path / "m.csv")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert missing.returncode == 1
+    lines = [line for line in (missing.stdout + missing.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0], lines
+    wrong = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--out", "m.csv", "--val", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert wrong.returncode == 1 and (wrong.stdout + wrong.stderr).strip().startswith("error: --val"), wrong.stderr
+    assert not (tmp_path / "m.csv").exists()
+    shown = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, env=env, check=True)
+    assert "--skip-incomplete" in shown.stdout and "<bool>" not in shown.stdout
