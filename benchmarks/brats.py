@@ -108,7 +108,7 @@ ARMS = {
     ),
     "paper": Arm(
         "paper",
-        ("classifier.pooling=mean", "data.ddpm_train_on=healthy"),
+        ("classifier.pooling=mean", "data.ddpm_train_on=healthy", "explain.guidance=slice"),
         "Wolleb et al. 2022's training: the mean-pooled classifier and a DDPM on tumour-free slices; scored "
         "with the paper's decode only (L=500, s=100, slice guidance, abs residual; K=--paper-steps).",
         chooses=False,
