@@ -40,20 +40,16 @@ def _parameter_name(exc: typer.BadParameter) -> str:
     return str(getattr(param, "human_readable_name", None) or "argument")
 
 
-def _help_without_value(option: Any) -> Any:
-    """`--help` is a flag: no `<bool>` value column for it in --help (as `FLAG` does for ours)."""
-    if option is not None:
-        option.metavar = ""
-    return option
-
-
 class _OneLine:
     """Option values the parser refuses (a wrong type, a choice not offered) give one `error:` line, exit 1;
     the `--help` row shows no `<bool>`. Mixed into the adiff group and every command: typer runs a
     one-command app (the data_prep tools) as that command alone, without its group."""
 
     def get_help_option(self, ctx: Any) -> Any:
-        return _help_without_value(super().get_help_option(ctx))  # type: ignore[misc]
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:  # `--help` is a flag: no value column (as `FLAG` does for ours)
+            option.metavar = ""
+        return option
 
     def main(
         self,
