@@ -37,7 +37,8 @@ def _parameter_name(exc: typer.BadParameter) -> str:
     opts = getattr(param, "opts", None)
     if getattr(param, "param_type_name", "") == "option" and opts:
         return str(opts[0])
-    return str(getattr(param, "human_readable_name", None) or "argument")
+    name = getattr(param, "human_readable_name", None) or getattr(param, "name", None)  # typer's arguments: no metavar
+    return str(name).upper() if name else "argument"
 
 
 class _OneLine:

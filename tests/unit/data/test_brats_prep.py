@@ -123,7 +123,7 @@ def test_values_the_parser_refuses_get_one_error_line_and_help_shows_no_bool(tmp
     )
     assert missing.returncode == 1
     lines = [line for line in (missing.stdout + missing.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ROOTS:") and "does not exist" in lines[0], lines
     wrong = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), "--out", "m.csv", "--val", "x"],
         capture_output=True,
