@@ -87,7 +87,12 @@ def train(
     ] = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name.")] = None,
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the interrupted run in this output folder.")
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run in this output folder; a finished one trains on to larger "
+            "--set train.ddpm_steps / train.classifier_steps.",
+        ),
     ] = None,
     local_tracking: Annotated[
         bool,
@@ -108,7 +113,8 @@ def train(
     from anomaly_diffusion.usecases.common import resolve_config_path
     from anomaly_diffusion.usecases.train import run_train
 
-    given = config is not None or bool(overrides)
+    # with --resume and no --config, --set applies to the saved config (e.g. train.ddpm_steps to train longer)
+    given = config is not None or (bool(overrides) and resume is None)
     cfg = load_config(resolve_config_path(config), overrides or []) if given or resume is None else None
     uri = tracking_store(tracking_uri, cfg.tracking.uri if cfg else None)
     if local_tracking:
@@ -129,6 +135,7 @@ def train(
                 progress=on_phase,
                 on_data=print_data,
                 resume=resume,
+                resume_overrides=overrides if config is None else None,
                 register=register,
                 context=context,
                 announce=announce,

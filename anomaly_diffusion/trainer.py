@@ -2,8 +2,10 @@
 
 `train` runs the DDPM, then (`method: classifier`) the classifier (the loops are in `training.py`;
 a classifier-free model has only the DDPM phase, label-conditional), writes a resume
-checkpoint (`checkpoint.pt`) every `train.checkpoint_every` steps and the model bundle
-(`bundle.pt`) at the end. Nothing here prints or logs: callbacks do.
+checkpoint (`checkpoint.pt`) every `train.checkpoint_every` steps, and at the end the model bundle
+(`bundle.pt`) and the final optimisation state (`train_state.pt`), from which a finished training
+is extended to more steps (`adiff train --resume OUT --set train.ddpm_steps=N`). Nothing here
+prints or logs: callbacks do.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class TrainResult:
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BUNDLE_NAME = "bundle.pt"
+FINAL_STATE_NAME = "train_state.pt"
+"""The finished run's optimisation state (phase 'done'): what extending it to more steps resumes."""
 
 
 def train(
@@ -66,8 +70,11 @@ def train(
     Every `checkpoint_every` steps of either phase, `out_dir/checkpoint.pt` is written atomically:
     a valid bundle plus `train_state` (both phases' weights, EMA, optimisers, scalers, batch
     generators, steps, the global RNG). `resume` takes that `train_state` and continues exactly
-    where it stopped; a kill loses at most one checkpoint interval. `observer(step, ema_unet)` is
-    called at every DDPM checkpoint and when the DDPM is done (for sample/reconstruction figures).
+    where it stopped; a kill loses at most one checkpoint interval. At the end the same state, phase
+    'done', goes to `out_dir/train_state.pt`: resumed with larger `train.ddpm_steps` or
+    `train.classifier_steps`, each phase continues from its last step (one never restarts).
+    `observer(step, ema_unet)` is called at every DDPM checkpoint and when the DDPM is done (for
+    sample/reconstruction figures).
 
     Under torchrun (`context.active`) every rank trains its shard of each global batch; only rank
     0 writes the checkpoint and the bundle and calls the observer.
@@ -86,28 +93,33 @@ def train(
         if clf is not None:
             clf.load_state_dict(resume["classifier"])
         torch.set_rng_state(resume["torch_rng"])
+    ddpm_from = ddpm.step
+
+    def state_payload(phase_name: str, step: int) -> dict[str, Any]:
+        assert ddpm.ema is not None
+        state = {
+            "phase": phase_name,
+            "ddpm": ddpm.state_dict(),
+            "classifier": clf.state_dict() if clf is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+        payload = bundle_dict(
+            config=cfg,
+            schedule=schedule,
+            unet=ddpm.ema.module,
+            classifier=clf.model if clf is not None else None,
+            train_run_id=train_run_id,
+            extra={"phase": phase_name, "step": step, "complete": phase_name == "done", "trained_on": inputs},
+        )
+        return {**payload, "train_state": state}
 
     def checkpoint(phase_name: str) -> SaveCheckpoint:
         def save(step: int) -> None:
-            assert ddpm.ema is not None
             if not context.is_main:
                 return
-            state = {
-                "phase": phase_name,
-                "ddpm": ddpm.state_dict(),
-                "classifier": clf.state_dict() if clf is not None else None,
-                "torch_rng": torch.get_rng_state(),
-            }
-            payload = bundle_dict(
-                config=cfg,
-                schedule=schedule,
-                unet=ddpm.ema.module,
-                classifier=clf.model if clf is not None else None,
-                train_run_id=train_run_id,
-                extra={"phase": phase_name, "step": step, "complete": False, "trained_on": inputs},
-            )
-            atomic_torch_save({**payload, "train_state": state}, out_dir / CHECKPOINT_NAME)
+            atomic_torch_save(state_payload(phase_name, step), out_dir / CHECKPOINT_NAME)
             if observer is not None and phase_name == "ddpm":
+                assert ddpm.ema is not None
                 observed.append(step)
                 observer(step, ddpm.ema.module)
 
@@ -120,7 +132,7 @@ def train(
         context.is_main
         and observer is not None
         and cfg.train.ddpm_steps not in observed
-        and (resume is None or resume["phase"] == "ddpm")
+        and ddpm_from < cfg.train.ddpm_steps  # DDPM steps ran in this call (not only the classifier)
     ):
         observer(cfg.train.ddpm_steps, unet)
     classifier: nn.Module | None = None
@@ -146,6 +158,7 @@ def train(
             "trained_on": inputs,
         },
     )
+    atomic_torch_save(state_payload("done", cfg.train.ddpm_steps), out_dir / FINAL_STATE_NAME)
     (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     context.barrier()
     return TrainResult(bundle_path, ddpm_last, classifier_last, accuracy)

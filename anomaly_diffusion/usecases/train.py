@@ -26,6 +26,7 @@ from anomaly_diffusion.tracking import RunLogger, flatten, make_client, register
 from anomaly_diffusion.trainer import (
     BUNDLE_NAME,
     CHECKPOINT_NAME,
+    FINAL_STATE_NAME,
     SNAPSHOT_SAMPLE_STEPS,
     TrainResult,
     snapshot_images,
@@ -57,6 +58,7 @@ def run_train(
     progress: PhaseProgress | None = None,
     on_data: Callable[[DataSummary], None] | None = None,
     resume: Path | None = None,
+    resume_overrides: list[str] | None = None,
     register: str | None = None,
     context: DistContext = SINGLE,
     announce: Callable[[str], None] | None = None,
@@ -64,14 +66,16 @@ def run_train(
     """Load the manifest's train (and val) split, train both models in one tracked MLflow run.
 
     With `resume` (a training output folder), the config, the weights, the optimiser and RNG
-    states and the MLflow run come from its `checkpoint.pt`; `cfg`, if given, must be equal.
+    states and the MLflow run come from its `checkpoint.pt`; `cfg`, if given, must be equal
+    (`resume_overrides` instead apply to the saved config). A finished folder resumes with larger
+    step counts only: the same run trains on (see `_resume_point`).
     Under torchrun every rank trains and only rank 0 talks to MLflow (other ranks get run_id '').
     `announce` is told the device, threads and precision before training starts.
     """
     started = time.perf_counter()
     state, run_id, registered = None, None, None
     if resume is not None:
-        cfg, state, run_id = _resume_point(resume, cfg)
+        cfg, state, run_id = _resume_point(resume, cfg, resume_overrides)
         out_dir = resume
     assert cfg is not None
     if cfg.data.manifest is None:
@@ -114,6 +118,8 @@ def run_train(
             )
             run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
             run.log_dict(summary, "dataset_summary.json")
+        elif state is not None and state["phase"] == "done":  # params are immutable: the new length is a tag
+            run.set_tags({"train.extended_to": f"ddpm {cfg.train.ddpm_steps}, classifier {cfg.train.classifier_steps}"})
         observer = _snapshot_observer(cfg, val if val is not None else data, out_dir / "snapshots", run)
         result = train(
             cfg,
@@ -200,22 +206,47 @@ def _snapshot_observer(
     return observe
 
 
-def _resume_point(folder: Path, cfg: Config | None) -> tuple[Config, dict[str, Any], str | None]:
-    """(config, train_state, MLflow run id) of the checkpoint in a training output folder."""
+EXTENDABLE = ("train.ddpm_steps", "train.classifier_steps")
+"""The settings a finished training may be resumed with larger values of (trained on, never restarted)."""
+
+
+def _resume_point(
+    folder: Path, cfg: Config | None, overrides: list[str] | None = None
+) -> tuple[Config, dict[str, Any], str | None]:
+    """(config, train_state, MLflow run id) of the checkpoint in a training output folder.
+
+    `cfg`, if given, must equal the saved config; else `overrides` apply to the saved one.
+    A finished folder (`bundle.pt` and `train_state.pt`, no checkpoint) resumes only when `cfg`
+    raises some of `EXTENDABLE` and changes nothing else: the run goes on to the new step counts.
+    """
     path = folder / CHECKPOINT_NAME
+    extend = False
     if not path.is_file():
-        if (folder / BUNDLE_NAME).is_file():
+        if not (folder / BUNDLE_NAME).is_file():
+            raise CheckpointError(f"{path}: no checkpoint to resume from")
+        if not (folder / FINAL_STATE_NAME).is_file():
             raise InputError(f"{folder}: training already finished ({BUNDLE_NAME} exists); nothing to resume")
-        raise CheckpointError(f"{path}: no checkpoint to resume from")
+        path, extend = folder / FINAL_STATE_NAME, True
     data = read_bundle_file(path)
     if "train_state" not in data:
         raise CheckpointError(f"{path}: not a training checkpoint (no train_state)")
     saved = config_from_dict(data["config"], source=f"{path} (config)")
-    if cfg is not None and cfg != saved:
-        mine, theirs = flatten(cfg.model_dump(mode="json")), flatten(saved.model_dump(mode="json"))
-        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if cfg is None and overrides:
+        cfg = config_from_dict(data["config"], overrides, source=f"{path} (config) with --set")
+    if cfg is None or cfg == saved:
+        if extend:
+            raise InputError(
+                f"{folder}: training already finished ({BUNDLE_NAME} exists); nothing to resume "
+                f"(to train longer, resume with a larger {' or '.join(EXTENDABLE)})"
+            )
+        return saved, data["train_state"], data.get("train_run_id")
+    mine, theirs = flatten(cfg.model_dump(mode="json")), flatten(saved.model_dump(mode="json"))
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if not extend or any(k not in EXTENDABLE for k in differ):
         raise ConfigError(f"{path}: checkpoint is from another config (differs in {', '.join(differ[:5])})")
-    return saved, data["train_state"], data.get("train_run_id")
+    if shorter := [f"{k}={mine[k]} < {theirs[k]}" for k in differ if int(mine[k] or 0) < int(theirs[k] or 0)]:
+        raise ConfigError(f"{folder}: a finished training resumes only to more steps ({', '.join(shorter)})")
+    return cfg, data["train_state"], data.get("train_run_id")
 
 
 def _preflight(cfg: Config, data: SliceDataset) -> None:

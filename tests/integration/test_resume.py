@@ -124,3 +124,36 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path: Path, tiny_da
     )
     assert other.returncode == 1 and "checkpoint is from another config" in other.stderr
     assert "train.ddpm_steps" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_a_finished_training_trains_on_to_more_steps_as_if_run_straight(tmp_path: Path, tiny_dataset: Path) -> None:
+    """2000 -> 4000 DDPM steps by resuming: the same weights as one 4000-step run, in the same MLflow run."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    out = tmp_path / "run"
+    assert subprocess.run(_train(tiny_dataset, out, uri, "--run-name", "extended"), capture_output=True).returncode == 0
+    assert (out / "train_state.pt").is_file() and not (out / "checkpoint.pt").exists()
+    resume = [sys.executable, "-m", "anomaly_diffusion.cli", "train", "--resume", str(out), "--tracking-uri", uri]
+    shorter = subprocess.run([*resume, "--set", "train.ddpm_steps=40"], capture_output=True, text=True)
+    assert shorter.returncode == 1 and "only to more steps" in shorter.stderr
+    other = subprocess.run([*resume, "--set", "train.ddpm_lr=0.1"], capture_output=True, text=True)
+    assert other.returncode == 1 and "another config (differs in train.ddpm_lr)" in other.stderr
+    longer = subprocess.run([*resume, "--set", "train.ddpm_steps=90"], capture_output=True, text=True)
+    assert longer.returncode == 0, longer.stderr
+
+    straight = tmp_path / "straight"
+    reference = _train(tiny_dataset, straight, uri, "--run-name", "straight", "--set", "train.ddpm_steps=90")
+    assert subprocess.run(reference, capture_output=True).returncode == 0
+    a, b = read_bundle_file(out / "bundle.pt"), read_bundle_file(straight / "bundle.pt")
+    assert a["config"]["train"]["ddpm_steps"] == 90
+    for part in ("unet", "classifier"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("anomaly_diffusion").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert set(runs) == {"extended", "straight"}
+    extended = runs["extended"]
+    assert extended.data.tags["train.extended_to"] == "ddpm 90, classifier 30"
+    steps = {m.step for m in client.get_metric_history(extended.info.run_id, "ddpm_loss")}
+    assert set(range(5, 91, 5)) <= steps
