@@ -131,8 +131,16 @@ class HarmoniseConfig(_Strict):
     soft: bool = False  # blend with clip(map / threshold, 0, 1) instead of the hard threshold
 
 
+class MaskConfig(_Strict):
+    """The soft lesion mask of masked decoding (`explain.decoding: masked`; see `diffusion.masking.region_mask`)."""
+
+    threshold: float = Field(0.5, ge=0, lt=1)  # a region is masked where its upsampled p(abnormal) exceeds it
+    dilation: int = Field(2, ge=0)  # the hard mask grows by this many pixels
+    sigma: float = Field(2.0, ge=0)  # then is blurred with a Gaussian of this std (pixels)
+
+
 class ExplainConfig(_Strict):
-    """Defaults of `adiff explain` (each has a command-line option)."""
+    """Defaults of `adiff explain` (each has a command-line option or an --set key)."""
 
     noise_level: int = Field(500, ge=1)
     scale: float = Field(100.0, ge=0)
@@ -154,6 +162,12 @@ class ExplainConfig(_Strict):
     harmonise: HarmoniseConfig = HarmoniseConfig()
     # cell size in pixels of the coarse/simplex encodings' noise; None: S/16 (coarse), S/4 (simplex)
     noise_cell: int | None = Field(None, ge=1)
+    # what the counterfactual is compared with for the map: 'input' (x, Wolleb 2022) or 'reconstruction'
+    # (the plain DDIM decoding of the same x_L: the reconstruction error both share cancels)
+    pairing: Literal["input", "reconstruction"] = "input"
+    residual_channel: int | None = Field(None, ge=0)  # the map from this channel only; None: summed over channels
+    smooth: float = Field(0.0, ge=0)  # std (pixels) of the Gaussian low-passing the classifier gradient (no lattice)
+    mask: MaskConfig = MaskConfig()
 
     @field_validator("encode_label", mode="before")
     @classmethod

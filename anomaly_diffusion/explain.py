@@ -7,7 +7,10 @@
                   or sum_c max(x_c - x_healthy_c, 0)                (`residual: positive`, bright lesions)
 
 The encoding (`ENCODINGS`: DDIM inversion, or forward noising with white, coarse or simplex noise)
-and the decoding (`DECODINGS`: DDIM, or THOR's harmonised DDIM) are named choices. An ensemble
+and the decoding (`DECODINGS`: DDIM, THOR's harmonised DDIM, or Dif-fuse's masked lockstep DDIM) are
+named choices. The map compares the counterfactual with the input, or (`pairing: reconstruction`)
+with the plain DDIM reconstruction of the same x_L, so the reconstruction error both share cancels;
+a classifier gradient may be low-passed on the image grid (`smooth`, no lattice). An ensemble
 (`explain_ensemble`) averages the maps of several levels or draws; their spread is its uncertainty.
 
 Every option lives in one immutable `ExplainSettings`, made and checked once by
@@ -25,11 +28,12 @@ import numpy as np
 import torch
 
 from anomaly_diffusion.data.io import Scan
-from anomaly_diffusion.diffusion.decoding import DECODINGS
+from anomaly_diffusion.diffusion.decoding import DECODINGS, NEEDS_MASK, DecodeContext, Decoded
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, check_guidance
 from anomaly_diffusion.diffusion.harmonise import Harmonisation
+from anomaly_diffusion.diffusion.masking import MaskSettings, region_mask
 from anomaly_diffusion.diffusion.noise import coarse_noise, simplex_noise
-from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_encode, ddim_grid
+from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_decode, ddim_encode, ddim_grid
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
@@ -45,6 +49,8 @@ SliceProgress = Callable[[int, int], None]
 MAX_SCALE = 1e5
 CPU_BATCH_SIZE = 32
 MAX_AUTO_BATCH = 512
+PAIRINGS = ("input", "reconstruction")
+"""What the counterfactual is compared with for the map: the input x, or the plain reconstruction of x_L."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,10 @@ class ExplainSettings:
         decoding: a `DECODINGS` entry, how x_L becomes x_healthy.
         harmonisation: THOR's levels, threshold and dilation (used by decoding 'thor').
         noise_cell: cell size in pixels of the 'coarse' and 'simplex' encodings' noise.
+        pairing: a `PAIRINGS` entry: the map is residual(x - x_healthy) or residual(x_plain - x_healthy).
+        residual_channel: the map from this channel alone; None sums the channels.
+        smooth: std in pixels of the Gaussian that low-passes the classifier gradient (0: none).
+        mask: the soft lesion mask of decoding 'masked'.
     """
 
     grid: DdimGrid
@@ -78,6 +88,10 @@ class ExplainSettings:
     decoding: str = "ddim"
     harmonisation: Harmonisation = field(default_factory=Harmonisation)
     noise_cell: int = 4
+    pairing: str = "input"
+    residual_channel: int | None = None
+    smooth: float = 0.0
+    mask: MaskSettings = field(default_factory=MaskSettings)
 
     @property
     def noise_level(self) -> int:
@@ -95,7 +109,14 @@ class ExplainSettings:
     def decode_key(self) -> tuple[object, ...]:
         """Settings with equal keys share one decoding (the residual only changes the map)."""
         harmonised = self.harmonisation if self.decoding == "thor" else None
-        return (self.encode_key, self.scale, self.guidance if self.scale > 0 else "none", self.decoding, harmonised)
+        mask = self.mask if self.decoding in NEEDS_MASK else None
+        guided = (self.guidance, self.smooth) if self.scale > 0 else "none"
+        return (self.encode_key, self.scale, guided, self.decoding, harmonised, mask)
+
+    @property
+    def plain_key(self) -> tuple[object, ...]:
+        """The decode key of the plain reconstruction of the same x_L (what `pairing: reconstruction` compares with)."""
+        return replace(self, scale=0.0, decoding="ddim").decode_key
 
 
 def explain_settings(
@@ -113,12 +134,17 @@ def explain_settings(
     decoding: str | None = None,
     harmonisation: Harmonisation | None = None,
     noise_cell: int | None = None,
+    pairing: str | None = None,
+    residual_channel: int | None = None,
+    smooth: float | None = None,
+    mask: MaskSettings | None = None,
 ) -> ExplainSettings:
     """The bundle's `explain` defaults with the given values replacing them, checked once.
 
     Checks, with one-line errors: 1 <= L < T and 1 <= K <= L (`ddim_grid`), 0 <= s <= MAX_SCALE,
     a registered guidance target this classifier can give, a registered residual, encoding and
-    decoding, a noise cell of at least one pixel.
+    decoding, a noise cell of at least one pixel, a pairing, a residual channel the model has, a
+    smoothing >= 0, a masked decoding only with an `lse` classifier.
     `steps` None takes the bundle's `explain.steps` unless `steps_given` (then None means K = L).
     """
     e = bundle.config.explain
@@ -136,6 +162,19 @@ def explain_settings(
     if not (0 <= s <= MAX_SCALE) or not np.isfinite(s):
         raise ConfigError(f"scale must be in 0..{MAX_SCALE:g}, got {s}")
     target = check_guidance(guidance or e.guidance, bundle.config.classifier.pooling, bundle.config.method)
+    decoding = DECODINGS.check(decoding or e.decoding, "decoding")
+    if decoding in NEEDS_MASK and (bundle.config.method != "classifier" or bundle.config.classifier.pooling != "lse"):
+        raise ConfigError(f"decoding={decoding} needs a classifier with pooling=lse (its regions make the mask)")
+    pairing = pairing or e.pairing
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"pairing must be {' or '.join(PAIRINGS)}, got {pairing!r}")
+    channel = residual_channel if residual_channel is not None else e.residual_channel
+    if channel is not None and not 0 <= channel < bundle.config.data.image_channels:
+        raise ConfigError(f"residual channel must be 0..{bundle.config.data.image_channels - 1}, got {channel}")
+    sigma = e.smooth if smooth is None else smooth
+    if not (sigma >= 0 and np.isfinite(sigma)):
+        raise ConfigError(f"smoothing must be >= 0 pixels, got {sigma}")
+    m = e.mask
     return ExplainSettings(
         grid=grid,
         scale=float(s),
@@ -146,9 +185,13 @@ def explain_settings(
         batch_size=resolve_batch_size(bundle, batch_size),
         amp=bundle.config.train.amp,
         encode_label=e.encode_label,
-        decoding=DECODINGS.check(decoding or e.decoding, "decoding"),
+        decoding=decoding,
         harmonisation=harmonisation,
         noise_cell=cell,
+        pairing=pairing,
+        residual_channel=channel,
+        smooth=float(sigma),
+        mask=mask or MaskSettings(m.threshold, m.dilation, m.sigma),
     )
 
 
@@ -226,17 +269,18 @@ class _BundleSource:
 
 
 def guided_denoiser(
-    bundle: ModelBundle, scale: float, amp: bool, guidance: str
+    bundle: ModelBundle, scale: float, amp: bool, guidance: str, smooth: float = 0.0
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_hat(x_t, t): the denoiser guided towards HEALTHY with scale s (plain eps_theta when s = 0).
 
     `guidance` names a `GUIDANCE` target: 'slice' follows grad log p(healthy | x_t); 'regions'
     follows grad sum_p log p(region p healthy | x_t) of the multiple-instance classifier; 'cfg'
     is classifier-free guidance with weight w = scale (w = 0: eps(null), the same as s = 0).
+    `smooth` low-passes a classifier gradient with a Gaussian of that std in pixels.
     """
     if scale == 0:
         return denoiser(bundle, amp)
-    return GUIDANCE.get(guidance).function.build(_BundleSource(bundle, amp), bundle.schedule, scale)
+    return GUIDANCE.get(guidance).function.build(_BundleSource(bundle, amp), bundle.schedule, scale, smooth)
 
 
 def resolve_batch_size(bundle: ModelBundle, batch_size: int | None = None) -> int:
@@ -350,6 +394,70 @@ def encode_slices(bundle: ModelBundle, x: torch.Tensor, settings: ExplainSetting
     return ENCODINGS.get(settings.encoding).function(bundle, x, settings)
 
 
+def guidance_mask(bundle: ModelBundle, x_0: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
+    """The soft lesion mask M (N, 1, S, S) of masked decoding, from the classifier at t = 0 on slices x_0 (N, C, S, S).
+
+    `masking.region_mask` of the `lse` head's region probabilities, gated by p(pathological | x_0).
+    """
+    device = model_device(bundle)
+    source = _BundleSource(bundle, settings.amp)
+    masks = []
+    with torch.inference_mode():
+        for start in range(0, x_0.shape[0], settings.batch_size):
+            x = to_device(x_0[start : start + settings.batch_size], device)
+            t = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+            region = torch.sigmoid(source.region_logits(x, t))
+            pathological = torch.softmax(source.logits(x, t), dim=1)[:, PATHOLOGICAL]
+            masks.append(region_mask(region, pathological, tuple(x.shape[2:]), settings.mask).cpu())
+    return torch.cat(masks) if masks else torch.zeros(0, 1, *x_0.shape[2:])
+
+
+def counterfactuals(
+    bundle: ModelBundle,
+    x_L: torch.Tensor,
+    settings: ExplainSettings,
+    progress: SliceProgress | None = None,
+    x_0: torch.Tensor | None = None,
+) -> Decoded:
+    """x_healthy = decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s; (N, C, S, S) on the CPU.
+
+    The decoding is the settings' `DECODINGS` entry; x_0, the slices that were encoded (N, C, S, S),
+    is needed by those that compare with the input (THOR) or mask by the classifier's view of it
+    (masked). Only the classifier's input gradient is computed (see `classifier_grad_fn`); with
+    s = 0, or a target that needs no gradient (classifier-free), the decoding runs under
+    `torch.inference_mode`. `Decoded.plain` is the plain reconstruction where the decoding walked it.
+    """
+    device = model_device(bundle)
+    guided = guided_denoiser(bundle, settings.scale, settings.amp, settings.guidance, settings.smooth)
+    no_gradients = settings.scale == 0 or not GUIDANCE.get(settings.guidance).function.needs_gradients
+    decoder = DECODINGS.get(settings.decoding).function
+    if x_0 is None and settings.decoding != "ddim":
+        raise ValueError(f"decoding {settings.decoding!r} needs the encoded slices x_0")
+    inputs = x_0 if x_0 is not None else x_L
+    masks = guidance_mask(bundle, inputs, settings) if settings.decoding in NEEDS_MASK else None
+    plain_eps = denoiser(bundle, settings.amp)
+    size = settings.batch_size
+    healthy, plain = [], []
+    for start in range(0, x_L.shape[0], size):
+        batch = to_device(x_L[start : start + size], device)
+        mask = to_device(masks[start : start + size], device) if masks is not None else None
+        originals = to_device(inputs[start : start + size], device)
+        context = DecodeContext(originals, plain_eps, settings.harmonisation, mask)
+        if no_gradients:
+            with torch.inference_mode():
+                decoded = decoder(guided, batch, bundle.schedule, settings.grid, context)
+        else:
+            decoded = decoder(guided, batch, bundle.schedule, settings.grid, context)
+        healthy.append(decoded.healthy.cpu())
+        if decoded.plain is not None:
+            plain.append(decoded.plain.cpu())
+        if progress is not None:
+            progress(min(start + size, x_L.shape[0]), x_L.shape[0])
+    if not healthy:
+        return Decoded(x_L.clone())
+    return Decoded(torch.cat(healthy), torch.cat(plain) if plain else None)
+
+
 def decode_slices(
     bundle: ModelBundle,
     x_L: torch.Tensor,
@@ -357,34 +465,20 @@ def decode_slices(
     progress: SliceProgress | None = None,
     x_0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_healthy = decode(eps_hat, x_L, L), eps_hat guided towards HEALTHY with scale s. (N, C, S, S).
+    """The counterfactuals x_healthy (N, C, S, S) of `counterfactuals`."""
+    return counterfactuals(bundle, x_L, settings, progress, x_0).healthy
 
-    The decoding is the settings' `DECODINGS` entry; x_0, the slices that were encoded (N, C, S, S),
-    is needed by those that compare with the input (THOR). Only the classifier's input gradient is
-    computed (see `classifier_grad_fn`); with s = 0, or a target that needs no gradient
-    (classifier-free), the decoding runs under `torch.inference_mode`.
-    """
+
+def plain_reconstruction(bundle: ModelBundle, x_L: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
+    """The unguided DDIM decoding of x_L (N, C, S, S) over the settings' grid, under `torch.inference_mode`."""
     device = model_device(bundle)
-    guided = guided_denoiser(bundle, settings.scale, settings.amp, settings.guidance)
-    no_gradients = settings.scale == 0 or not GUIDANCE.get(settings.guidance).function.needs_gradients
-    decoder = DECODINGS.get(settings.decoding).function
-    if x_0 is None and settings.decoding != "ddim":
-        raise ValueError(f"decoding {settings.decoding!r} needs the encoded slices x_0")
-    inputs = x_0 if x_0 is not None else x_L
-    size = settings.batch_size
-    decoded = []
-    for start in range(0, x_L.shape[0], size):
-        batch = to_device(x_L[start : start + size], device)
-        originals = to_device(inputs[start : start + size], device)
-        run = (batch, originals, bundle.schedule, settings.grid, settings.harmonisation)
-        if no_gradients:
-            with torch.inference_mode():
-                decoded.append(decoder(guided, *run).cpu())
-        else:
-            decoded.append(decoder(guided, *run).cpu())
-        if progress is not None:
-            progress(min(start + size, x_L.shape[0]), x_L.shape[0])
-    return torch.cat(decoded) if decoded else x_L.clone()
+    eps_fn = denoiser(bundle, settings.amp)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, x_L.shape[0], settings.batch_size):
+            batch = to_device(x_L[start : start + settings.batch_size], device)
+            parts.append(ddim_decode(eps_fn, batch, bundle.schedule, settings.grid).cpu())
+    return torch.cat(parts) if parts else x_L.clone()
 
 
 def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
@@ -406,29 +500,102 @@ def p_healthy_batched(bundle: ModelBundle, x: torch.Tensor, batch_size: int = CP
 
 
 def slice_explanation(
-    bundle: ModelBundle, x: torch.Tensor, x_healthy: torch.Tensor, settings: ExplainSettings
+    bundle: ModelBundle,
+    x: torch.Tensor,
+    x_healthy: torch.Tensor,
+    settings: ExplainSettings,
+    x_plain: torch.Tensor | None = None,
 ) -> SliceExplanation:
-    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy))."""
-    return SliceExplanation(
+    """Assemble a `SliceExplanation` from inputs and counterfactuals (adds the map and p(healthy)).
+
+    `x_plain`, the plain reconstruction of the same x_L, is needed when `settings.pairing` is 'reconstruction'.
+    """
+    explanation = SliceExplanation(
         x=x,
         x_healthy=x_healthy,
-        anomaly_map=residual_map(x, x_healthy, settings.residual),
+        anomaly_map=torch.zeros(0),
         p_healthy_before=p_healthy_batched(bundle, x, settings.batch_size),
         p_healthy_after=p_healthy_batched(bundle, x_healthy, settings.batch_size),
+        x_plain=x_plain,
     )
+    return with_residual(explanation, settings)
 
 
-def with_residual(explanation: SliceExplanation, residual: str) -> SliceExplanation:
-    """The same explanation with the map made by another residual (no network is run)."""
-    return replace(explanation, anomaly_map=residual_map(explanation.x, explanation.x_healthy, residual))
+def with_residual(explanation: SliceExplanation, settings: ExplainSettings) -> SliceExplanation:
+    """The same explanation with the map made by the settings' residual, pairing and channel (no network is run)."""
+    reference = explanation.x
+    if settings.pairing == "reconstruction":
+        if explanation.x_plain is None:
+            raise ValueError("pairing 'reconstruction' needs the plain reconstruction (x_plain)")
+        reference = explanation.x_plain
+    anomaly_map = residual_map(reference, explanation.x_healthy, settings.residual, settings.residual_channel)
+    return replace(explanation, anomaly_map=anomaly_map)
+
+
+class SliceDecodings:
+    """The encodings, decodings and explanations of one stack of slices x (N, C, S, S), shared by settings.
+
+    Settings with equal `encode_key` share one encoding, with equal `decode_key` one decoding; the
+    residual, pairing and channel only change the map. The plain reconstruction that
+    `pairing: reconstruction` compares with is the unguided DDIM decoding (`plain_key`): taken from
+    the cache (an s = 0 candidate, or a masked decoding that walked it beside the guided one), else
+    decoded once. Explain, its ensembles and evaluate all go through this one cache.
+    """
+
+    def __init__(self, bundle: ModelBundle, x: torch.Tensor) -> None:
+        self.bundle, self.x = bundle, x
+        self._encoded: dict[object, torch.Tensor] = {}
+        self._decoded: dict[object, Decoded] = {}
+        self._plain: dict[object, torch.Tensor] = {}
+        self._explained: dict[object, SliceExplanation] = {}
+
+    def encoded(self, settings: ExplainSettings) -> torch.Tensor:
+        """x_L of the settings' encoding."""
+        if settings.encode_key not in self._encoded:
+            self._encoded[settings.encode_key] = encode_slices(self.bundle, self.x, settings)
+        return self._encoded[settings.encode_key]
+
+    def decoded(self, settings: ExplainSettings, progress: SliceProgress | None = None) -> Decoded:
+        """The settings' counterfactuals (and the plain reconstruction where the decoding walked it)."""
+        key = settings.decode_key
+        if key not in self._decoded:
+            decoded = counterfactuals(self.bundle, self.encoded(settings), settings, progress, x_0=self.x)
+            self._decoded[key] = decoded
+            if decoded.plain is not None:
+                self._plain.setdefault(settings.plain_key, decoded.plain)
+            if key == settings.plain_key:
+                self._plain.setdefault(key, decoded.healthy)
+        return self._decoded[key]
+
+    def is_decoded(self, settings: ExplainSettings) -> bool:
+        """Whether the settings' decoding is already in the cache."""
+        return settings.decode_key in self._decoded
+
+    def reconstruction(self, settings: ExplainSettings) -> torch.Tensor:
+        """The plain DDIM reconstruction of the settings' x_L, (N, C, S, S)."""
+        if settings.plain_key not in self._plain:
+            self.decoded(replace(settings, scale=0.0, decoding="ddim"))
+        return self._plain[settings.plain_key]
+
+    def explanation(self, settings: ExplainSettings, progress: SliceProgress | None = None) -> SliceExplanation:
+        """The settings' explanation: counterfactual, map (residual, pairing, channel), p(healthy) before/after."""
+        key = settings.decode_key
+        decoded = self.decoded(settings, progress)
+        if key not in self._explained:
+            self._explained[key] = slice_explanation(
+                self.bundle, self.x, decoded.healthy, replace(settings, pairing="input"), decoded.plain
+            )
+        explanation = self._explained[key]
+        if settings.pairing == "reconstruction" and explanation.x_plain is None:
+            explanation = self._explained[key] = replace(explanation, x_plain=self.reconstruction(settings))
+        return with_residual(explanation, settings)
 
 
 def explain_slices(
     bundle: ModelBundle, x: torch.Tensor, settings: ExplainSettings, progress: SliceProgress | None = None
 ) -> SliceExplanation:
     """Explain model-size slices x (N, C, S, S): encode, guided decode, map, p(healthy) before/after."""
-    x_healthy = decode_slices(bundle, encode_slices(bundle, x, settings), settings, progress, x_0=x)
-    return slice_explanation(bundle, x, x_healthy, settings)
+    return SliceDecodings(bundle, x).explanation(settings, progress)
 
 
 @dataclass(frozen=True)
@@ -462,25 +629,20 @@ def explain_ensemble(
     if not plans:
         raise ValueError("an ensemble needs at least one member")
     decodings = len({p.decode_key for p in plans})
-    encoded: dict[object, torch.Tensor] = {}
-    decoded: dict[object, SliceExplanation] = {}
+    cache = SliceDecodings(bundle, x)
     maps = []
+    done_keys: set[object] = set()
     for plan in plans:
-        if plan.decode_key not in decoded:
-            if plan.encode_key not in encoded:
-                encoded[plan.encode_key] = encode_slices(bundle, x, plan)
-            offset = len(decoded) * x.shape[0]
+        offset = len(done_keys) * x.shape[0]
+        done_keys.add(plan.decode_key)
 
-            def step(done: int, total: int, offset: int = offset) -> None:
-                if progress is not None:
-                    progress(offset + done, total * decodings)
+        def step(done: int, total: int, offset: int = offset) -> None:
+            if progress is not None:
+                progress(offset + done, total * decodings)
 
-            x_healthy = decode_slices(bundle, encoded[plan.encode_key], plan, step, x_0=x)
-            decoded[plan.decode_key] = slice_explanation(bundle, x, x_healthy, plan)
-        maps.append(with_residual(decoded[plan.decode_key], plan.residual).anomaly_map)
+        maps.append(cache.explanation(plan, None if cache.is_decoded(plan) else step).anomaly_map)
     stacked = torch.stack(maps)
-    first = decoded[plans[0].decode_key]
-    mean = replace(with_residual(first, plans[0].residual), anomaly_map=stacked.mean(dim=0))
+    mean = replace(cache.explanation(plans[0]), anomaly_map=stacked.mean(dim=0))
     return EnsembleExplanation(mean, stacked.std(dim=0, correction=0), len(plans))
 
 

@@ -26,8 +26,13 @@ RESIDUALS.register(
 RESIDUALS.register("negative", lambda d: (-d).clamp(min=0), "only where the scan is darker than healthy")
 
 
-def residual_map(x: torch.Tensor, x_healthy: torch.Tensor, residual: str = "abs") -> torch.Tensor:
+def residual_map(
+    x: torch.Tensor, x_healthy: torch.Tensor, residual: str = "abs", channel: int | None = None
+) -> torch.Tensor:
     """The anomaly map of inputs x and counterfactuals x_healthy, (N, C, S, S) each -> (N, S, S).
+
+    x may also be the plain reconstruction of the same x_L (the paired residual: the error that
+    both decodings share cancels). `channel` keeps that channel alone instead of the sum over channels.
 
     - abs: sum_c |x_c - x_healthy_c| (Wolleb 2022);
     - positive: sum_c max(x_c - x_healthy_c, 0): only voxels the counterfactual made darker, i.e. where
@@ -35,4 +40,5 @@ def residual_map(x: torch.Tensor, x_healthy: torch.Tensor, residual: str = "abs"
       contrast, not a label: the supervision regime is unchanged;
     - negative: sum_c max(x_healthy_c - x_c, 0), for hypointense lesions.
     """
-    return RESIDUALS.get(residual).function(x - x_healthy).sum(dim=1)
+    values = RESIDUALS.get(residual).function(x - x_healthy)
+    return values.sum(dim=1) if channel is None else values[:, channel]

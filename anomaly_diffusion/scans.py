@@ -34,6 +34,7 @@ class SliceExplanation:
         anomaly_map: the residual summed over channels (`residuals.residual_map`), (N, S, S).
         p_healthy_before: p(healthy | x, t=0), (N,).
         p_healthy_after: p(healthy | x_healthy, t=0), (N,).
+        x_plain: the plain (unguided) reconstruction of the same x_L, where it was decoded, same shape as x.
     """
 
     x: torch.Tensor
@@ -41,6 +42,7 @@ class SliceExplanation:
     anomaly_map: torch.Tensor
     p_healthy_before: torch.Tensor
     p_healthy_after: torch.Tensor
+    x_plain: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

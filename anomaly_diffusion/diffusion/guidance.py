@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from anomaly_diffusion.diffusion.masking import gaussian_blur
 from anomaly_diffusion.diffusion.sampling import EpsFn
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule, broadcast_to
 from anomaly_diffusion.errors import ConfigError
@@ -106,6 +107,22 @@ def region_grad_fn(region_logits: Callable[[torch.Tensor, torch.Tensor], torch.T
     return fn
 
 
+def smoothed_grad_fn(grad_fn: GradFn, sigma: float) -> GradFn:
+    """grad_fn low-passed on the image grid: G_sigma * grad_x log p(y | x_t, t), same shape as x_t.
+
+    A region classifier's input gradient carries power at its grid's period (a lattice in the
+    counterfactual); a Gaussian of std sigma pixels keeps the lesion-sized part of the push and
+    removes the lattice (see `masking`). sigma = 0 returns grad_fn itself.
+    """
+    if sigma <= 0:
+        return grad_fn
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur(grad_fn(x_t, t), sigma)
+
+    return fn
+
+
 def cfg_eps(eps_cond: torch.Tensor, eps_null: torch.Tensor, w: float) -> torch.Tensor:
     """eps_hat = eps_null + w * (eps_cond - eps_null) (Ho & Salimans 2022, eq. 6 with w = 1 + their w).
 
@@ -170,14 +187,15 @@ class GuidanceTarget:
     """A guidance target: how to make the guided denoiser eps_hat from a model, at scale s (or weight w).
 
     Attributes:
-        build: (GuidanceSource, schedule, scale) -> eps_hat(x_t, t).
+        build: (GuidanceSource, schedule, scale, smooth) -> eps_hat(x_t, t); `smooth` is the std in
+            pixels of the Gaussian that low-passes a classifier gradient (`smoothed_grad_fn`; 0: none).
         method: the kind of model it guides (`GuidanceMethod`).
         poolings: the classifier poolings (`classifier.pooling`) it works with; () means any.
         needs_gradients: whether eps_hat differentiates through a network (else decoding runs
             under `torch.inference_mode`).
     """
 
-    build: Callable[[GuidanceSource, NoiseSchedule, float], EpsFn]
+    build: Callable[[GuidanceSource, NoiseSchedule, float, float], EpsFn]
     method: GuidanceMethod = "classifier"
     poolings: tuple[str, ...] = ()
     needs_gradients: bool = True
@@ -186,7 +204,9 @@ class GuidanceTarget:
 def classifier_target(grad_fn: Callable[[GuidanceSource], GradFn], poolings: tuple[str, ...] = ()) -> GuidanceTarget:
     """A classifier-guidance target from a factory of grad_x log p(target | x_t, t) (`guided_eps_fn`)."""
     return GuidanceTarget(
-        lambda source, schedule, scale: guided_eps_fn(source.eps, grad_fn(source), schedule, scale),
+        lambda source, schedule, scale, smooth: guided_eps_fn(
+            source.eps, smoothed_grad_fn(grad_fn(source), smooth), schedule, scale
+        ),
         poolings=poolings,
     )
 
@@ -205,7 +225,7 @@ GUIDANCE.register(
 GUIDANCE.register(
     "cfg",
     GuidanceTarget(
-        lambda source, schedule, w: cfg_eps_fn(source.conditional_eps, w),
+        lambda source, schedule, w, smooth: cfg_eps_fn(source.conditional_eps, w),
         method="classifier_free",
         needs_gradients=False,
     ),

@@ -196,6 +196,57 @@ def ddim_decode(
     return x
 
 
+def masked_ddim_decode(
+    eps_hat_fn: EpsFn,
+    eps_fn: EpsFn,
+    x_L: torch.Tensor,
+    schedule: NoiseSchedule,
+    grid: DdimGrid,
+    mask: torch.Tensor,
+    callback: StepCallback | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two DDIM decodings of the same x_L in lockstep, merged through a soft mask (Dif-fuse, Fontanella 2024).
+
+    At each step tau_k -> tau_{k-1} of the mirrored grid (tau_0 the clean level):
+
+        r_{k-1} = DDIM(r_k, eps_theta(r_k, tau_k))                  the plain reconstruction
+        g'      = DDIM(g_k, eps_hat(g_k, tau_k))                     the guided decoding
+        g_{k-1} = M g' + (1 - M) r_{k-1}                             healthy tissue follows r
+
+    with r_K = g_K = x_L. M = 1 everywhere is the guided decoding beside the plain one (the pair of
+    the paired residual); M = 0 everywhere gives g = r.
+
+    Args:
+        eps_hat_fn: the guided denoiser eps_hat(x_t, t).
+        eps_fn: the plain denoiser eps_theta(x_t, t).
+        x_L: encoded images, (B, C, *spatial).
+        schedule: the noise schedule.
+        grid: the levels tau_1..tau_K = L.
+        mask: M in [0, 1], broadcastable to x_L, e.g. (B, 1, *spatial).
+        callback: progress, called with (k, K).
+
+    Returns:
+        (g_0, r_0): the counterfactual and the plain reconstruction, each shaped as x_L.
+    """
+    taus = grid.taus
+    alpha_bar = schedule.alpha_bar.to(x_L.device)
+    levels = [*taus[::-1], None]
+    mask = mask.to(device=x_L.device, dtype=x_L.dtype)
+    guided, plain = x_L, x_L
+    with torch.no_grad():  # a classifier gradient enables grad itself (`guidance.classifier_grad_fn`)
+        for k in range(len(taus)):
+            tau, tau_next = levels[k], levels[k + 1]
+            assert tau is not None
+            alpha_next = alpha_bar[tau_next] if tau_next is not None else torch.ones((), device=x_L.device)
+            t = _timestep_batch(tau, x_L)
+            plain = ddim_step(plain, eps_fn(plain, t), alpha_bar[tau], alpha_next)
+            merged = mask * ddim_step(guided, eps_hat_fn(guided, t), alpha_bar[tau], alpha_next)
+            guided = merged + (1 - mask) * plain
+            if callback is not None:
+                callback(k + 1, len(taus))
+    return guided, plain
+
+
 def ddim_sample(
     eps_fn: EpsFn,
     shape: tuple[int, ...],

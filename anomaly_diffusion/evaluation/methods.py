@@ -17,13 +17,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from anomaly_diffusion.config import Config
-from anomaly_diffusion.diffusion.decoding import DECODINGS
+from anomaly_diffusion.diffusion.decoding import DECODINGS, NEEDS_MASK
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.diffusion.harmonise import Harmonisation
+from anomaly_diffusion.diffusion.masking import MaskSettings
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.explain import (
     ENCODINGS,
     NOISE_CELL_ENCODINGS,
+    PAIRINGS,
     ExplainSettings,
     explain_settings,
     is_stochastic,
@@ -73,6 +75,10 @@ class Method:
         decoding: a `DECODINGS` name ('ddim', 'thor'); None: the bundle's `explain.decoding`.
         harmonisation: THOR's settings; None: the bundle's `explain.harmonise`.
         noise_cell: the coarse/simplex noise's cell in pixels; None: the bundle's `explain.noise_cell`.
+        pairing: 'input' or 'reconstruction' (the paired residual); None: the bundle's `explain.pairing`.
+        residual_channel: the map from one channel; None: the bundle's `explain.residual_channel`.
+        smooth: the classifier gradient's Gaussian low-pass in pixels; None: the bundle's `explain.smooth`.
+        mask: the masked decoding's mask settings; None: the bundle's `explain.mask`.
         median: this method's in-plane median filter size (None: the evaluation's).
         residual: a `RESIDUALS` name; None: the bundle's `explain.residual`.
         guidance: a `GUIDANCE` name; None: the bundle's `explain.guidance`.
@@ -97,6 +103,10 @@ class Method:
     decoding: str | None = None
     harmonisation: Harmonisation | None = None
     noise_cell: int | None = None
+    pairing: str | None = None
+    residual_channel: int | None = None
+    smooth: float | None = None
+    mask: MaskSettings | None = None
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -128,8 +138,22 @@ class Method:
                     if h is not None
                     else ""
                 )
+            elif decoding == "masked":
+                m = self.plans[0].mask if self.plans else self.mask
+                text += ", masked lockstep decoding" + (
+                    f" (mask threshold {m.threshold:g}, dilation {m.dilation}, sigma {m.sigma:g})" if m else ""
+                )
             elif decoding not in (None, "ddim"):
                 text += f", {decoding} decoding"
+            pairing = self.plans[0].pairing if self.plans else self.pairing
+            if pairing == "reconstruction":
+                text += ", paired with the plain reconstruction"
+            channel = self.plans[0].residual_channel if self.plans else self.residual_channel
+            if channel is not None:
+                text += f", channel {channel} only"
+            smooth = self.plans[0].smooth if self.plans else self.smooth
+            if smooth and self.scale > 0:
+                text += f", gradient smoothed (sigma {smooth:g} px)"
             if self.guidance not in (None, PAPER.guidance) and self.scale > 0:  # the paper's choices go unsaid
                 text += f", {self.guidance} guidance"
             if self.residual not in (None, PAPER.residual):
@@ -138,7 +162,8 @@ class Method:
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f")
+_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f", "p", "rc", "sm", "mt", "md", "ms")
+_PAIRING_SHORT = {"input": "in", "reconstruction": "rec"}
 _RESIDUAL_SHORT = {"positive": "pos", "negative": "neg"}
 
 
@@ -171,7 +196,9 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
             return _choice(spec, key, text, GUIDANCE.names())
         if key == "dec":
             return _choice(spec, key, text, DECODINGS.names())
-        if key in ("n", "m", "c", "hl", "hd", "f"):
+        if key == "p":
+            return _choice(spec, key, text, PAIRINGS, _PAIRING_SHORT)
+        if key in ("n", "m", "c", "hl", "hd", "f", "rc", "md"):
             return int(text)
         return float(text)
     except ValueError as exc:
@@ -207,7 +234,10 @@ def _parse_method(spec: str, cfg: Config) -> Method:
       averaged with a stochastic encoding), f (the coarse/simplex noise's cell in pixels), dec (a
       decoding: `ddim` or `thor`), hl, ht, hd (THOR's harmonised levels, map threshold, dilation),
       m (a median filter for this method), r (the map's residual: abs, pos or neg), g (a guidance
-      target: slice or regions); missing ones come from guided (and the bundle's explain config).
+      target: slice or regions), p (pairing: in, the input, or rec, the plain reconstruction of the
+      same x_L), rc (the map from one channel), sm (the classifier gradient's Gaussian low-pass in
+      pixels), mt, md, ms (masked decoding's mask threshold, dilation and blur); missing ones come
+      from guided (and the bundle's explain config).
       `NAME:c=0,m=5` is the intensity of channel c, median-filtered.
     """
     e = cfg.explain
@@ -273,6 +303,19 @@ def _parse_method(spec: str, cfg: Config) -> Method:
             raise ConfigError(f"method {spec!r}: {exc}") from exc
         if values.get("dec", e.decoding) != "thor":
             raise ConfigError(f"method {spec!r}: hl, ht and hd are THOR's settings: add dec=thor")
+    mask = None
+    if given & {"mt", "md", "ms"}:
+        m = e.mask
+        try:
+            mask = MaskSettings(
+                threshold=float(values.get("mt", m.threshold)),
+                dilation=values.get("md", m.dilation),
+                sigma=float(values.get("ms", m.sigma)),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"method {spec!r}: {exc}") from exc
+        if values.get("dec", e.decoding) not in NEEDS_MASK:
+            raise ConfigError(f"method {spec!r}: mt, md and ms are masked decoding's settings: add dec=masked")
     level, *more = values["L"]
     return Method(
         match.group("name"),
@@ -289,6 +332,10 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         decoding=values.get("dec"),
         harmonisation=harmonisation,
         noise_cell=values.get("f"),
+        pairing=values.get("p"),
+        residual_channel=values.get("rc"),
+        smooth=values.get("sm"),
+        mask=mask,
     )
 
 
@@ -334,6 +381,10 @@ def bind_methods(methods: Sequence[Method], bundle: ModelBundle, batch_size: int
                         decoding=m.decoding,
                         harmonisation=m.harmonisation,
                         noise_cell=m.noise_cell,
+                        pairing=m.pairing,
+                        residual_channel=m.residual_channel,
+                        smooth=m.smooth,
+                        mask=m.mask,
                     )
                     for level in m.levels
                     for seed in range(m.seeds)

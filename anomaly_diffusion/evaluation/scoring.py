@@ -29,9 +29,9 @@ from anomaly_diffusion.data.transforms import (
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.evaluation.methods import Method
 from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess, eroded, median_3d
-from anomaly_diffusion.explain import decode_slices, encode_slices, slice_explanation, with_residual
+from anomaly_diffusion.explain import SliceDecodings
 from anomaly_diffusion.models.bundle import ModelBundle
-from anomaly_diffusion.scans import SliceExplanation, assemble_scan, prepare_scan
+from anomaly_diffusion.scans import assemble_scan, prepare_scan
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,7 @@ def score_volume(
     scores: dict[str, np.ndarray] = {}
     p_healthy: dict[str, tuple[float, float]] = {}
     examples: dict[int, SliceExample] = {}
-    encoded: dict[object, torch.Tensor] = {}
-    decoded: dict[object, SliceExplanation] = {}
+    cache = SliceDecodings(bundle, prepared.x)
     truth_slices = mask_to_slices(truth_volume, state)
     normalised: np.ndarray | None = None  # the intensity baselines' input, made once per volume
     for method in methods:
@@ -152,14 +151,7 @@ def score_volume(
                 normalised = normalise(scan.data, state, cfg.data)
             scores[method.name] = voxels(normalised[method.channel], size, cfg.data.clip_range[0])
             continue
-        parts = []
-        for plan in method.plans:
-            if plan.encode_key not in encoded:
-                encoded[plan.encode_key] = encode_slices(bundle, prepared.x, plan)
-            if plan.decode_key not in decoded:
-                x_healthy = decode_slices(bundle, encoded[plan.encode_key], plan, x_0=prepared.x)
-                decoded[plan.decode_key] = slice_explanation(bundle, prepared.x, x_healthy, plan)
-            parts.append(with_residual(decoded[plan.decode_key], plan.residual))
+        parts = [cache.explanation(plan) for plan in method.plans]
         # an ensemble's map is the mean of its parts' maps; its counterfactual is the first part's
         combined = replace(parts[0], anomaly_map=torch.stack([p.anomaly_map for p in parts]).mean(dim=0))
         explanation = assemble_scan(scan, prepared, combined)

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from model_support import TINY, tiny_bundle
 
 from anomaly_diffusion.config import load_config
 from anomaly_diffusion.diffusion.harmonise import Harmonisation
+from anomaly_diffusion.diffusion.masking import MaskSettings
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
 from anomaly_diffusion.explain import (
+    SliceDecodings,
+    counterfactuals,
     decode_slices,
     encode_slices,
     explain_ensemble,
     explain_settings,
     explain_slices,
+    guidance_mask,
     is_stochastic,
 )
+from anomaly_diffusion.models.bundle import ModelBundle
+from anomaly_diffusion.models.networks import build_classifier
+from anomaly_diffusion.residuals import residual_map
 
 
 def _slices(seed: int = 0) -> torch.Tensor:
@@ -116,9 +125,82 @@ def test_method_keys_for_encodings_decodings_and_thor() -> None:
     for spec, message in (
         ("x:ht=0.3", "add dec=thor"),
         ("x:dec=thor,ht=-1", "threshold >= 0"),
-        ("x:dec=nope", "dec must be ddim or thor"),
+        ("x:dec=nope", "dec must be ddim, thor or masked"),
         ("x:enc=coarse,f=0", "noise cell"),
         ("x:n=2", "only with enc=noise/coarse/simplex"),
     ):
+        with pytest.raises(ConfigError, match=message):
+            parse_method(spec, cfg)
+
+
+def _lse_bundle() -> ModelBundle:
+    bundle = tiny_bundle()
+    bundle.config = load_config(TINY, ["classifier.pooling=lse"])
+    torch.manual_seed(5)
+    bundle.classifier = build_classifier(bundle.config.classifier, 1).eval().requires_grad_(False)
+    return bundle
+
+
+def test_the_paired_residual_compares_with_the_plain_reconstruction_of_the_same_x_L() -> None:
+    bundle = _lse_bundle()
+    x = _slices(3)
+    guided = explain_settings(bundle, scale=30.0, guidance="regions", residual="positive")
+    paired = explain_settings(bundle, scale=30.0, guidance="regions", residual="positive", pairing="reconstruction")
+    assert paired.decode_key == guided.decode_key  # the pairing only changes the map
+    x_L = encode_slices(bundle, x, guided)
+    plain = decode_slices(bundle, x_L, explain_settings(bundle, scale=0.0))
+    healthy = decode_slices(bundle, x_L, guided)
+    cache = SliceDecodings(bundle, x)
+    against_input, against_plain = cache.explanation(guided), cache.explanation(paired)
+    assert torch.allclose(against_input.anomaly_map, (x - healthy).clamp(min=0).sum(dim=1), atol=1e-6)
+    assert torch.allclose(against_plain.anomaly_map, (plain - healthy).clamp(min=0).sum(dim=1), atol=1e-6)
+    assert not torch.allclose(against_input.anomaly_map, against_plain.anomaly_map)
+    # the s = 0 candidate of the same x_L is that reconstruction: evaluate decodes it once
+    assert torch.equal(cache.explanation(explain_settings(bundle, scale=0.0)).x_healthy, against_plain.x_plain)
+    assert torch.equal(explain_slices(bundle, x, paired).anomaly_map, against_plain.anomaly_map)
+
+
+def test_one_channel_residual_and_its_checks() -> None:
+    x, x_healthy = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert torch.equal(residual_map(x, x_healthy, "abs", channel=1), (x - x_healthy)[:, 1].abs())
+    assert torch.allclose(residual_map(x, x_healthy, "abs"), (x - x_healthy).abs().sum(dim=1))
+    bundle = tiny_bundle()
+    with pytest.raises(ConfigError, match=r"residual channel must be 0\.\.0"):
+        explain_settings(bundle, residual_channel=1)
+    with pytest.raises(ConfigError, match="pairing must be input or reconstruction"):
+        explain_settings(bundle, pairing="other")
+    with pytest.raises(ConfigError, match="smoothing must be >= 0"):
+        explain_settings(bundle, smooth=-1.0)
+
+
+def test_masked_decoding_keeps_the_reconstruction_where_the_classifier_sees_no_lesion() -> None:
+    bundle = _lse_bundle()
+    x = _slices(4)
+    all_in = MaskSettings(0.0, 0, 0)
+    everywhere = explain_settings(bundle, scale=30.0, guidance="regions", decoding="masked", mask=all_in)
+    guided = explain_settings(bundle, scale=30.0, guidance="regions")
+    x_L = encode_slices(bundle, x, guided)
+    mask = guidance_mask(bundle, x, replace(everywhere, amp=False))  # fp32, as the reference below
+    gate = torch.softmax(bundle.classifier(x, torch.zeros(3, dtype=torch.long)), dim=1)[:, 1]
+    assert torch.allclose(mask, gate.reshape(3, 1, 1, 1).expand(3, 1, 16, 16), atol=1e-6)  # threshold 0: all in
+    decoded = counterfactuals(bundle, x_L, everywhere, x_0=x)
+    plain = decode_slices(bundle, x_L, explain_settings(bundle, scale=0.0))
+    assert decoded.plain is not None and torch.allclose(decoded.plain, plain, atol=1e-5)
+    nowhere = replace(everywhere, mask=MaskSettings(0.999, 0, 0))  # no region that probable: all reconstruction
+    assert float(guidance_mask(bundle, x, nowhere).max()) == 0.0
+    assert torch.allclose(decode_slices(bundle, x_L, nowhere, x_0=x), plain, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs a classifier with pooling=lse"):
+        explain_settings(tiny_bundle(), decoding="masked")
+
+
+def test_method_keys_for_pairing_channel_smoothing_and_mask() -> None:
+    cfg = load_config(TINY, ["classifier.pooling=lse", "data.image_channels=2"])
+    m = parse_method("pm:p=rec,rc=0,sm=2,dec=masked,mt=0.3,md=1,ms=0.5,r=pos", cfg)
+    assert (m.pairing, m.residual_channel, m.smooth) == ("reconstruction", 0, 2.0)
+    assert m.mask == MaskSettings(0.3, 1, 0.5) and m.decoding == "masked"
+    text = m.describe()
+    assert "masked lockstep decoding (mask threshold 0.3, dilation 1, sigma 0.5)" in text
+    assert "paired with the plain reconstruction" in text and "channel 0 only" in text and "sigma 2 px" in text
+    for spec, message in (("x:mt=0.3", "add dec=masked"), ("x:p=nope", "p must be in or rec"), ("x:sm=a", "number")):
         with pytest.raises(ConfigError, match=message):
             parse_method(spec, cfg)
