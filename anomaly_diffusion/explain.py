@@ -481,6 +481,19 @@ def plain_reconstruction(bundle: ModelBundle, x_L: torch.Tensor, settings: Expla
     return torch.cat(parts) if parts else x_L.clone()
 
 
+def region_period(bundle: ModelBundle) -> int | None:
+    """The period in pixels of an `lse` classifier's region grid (image size / regions per side); None otherwise."""
+    classifier, cfg = bundle.classifier, bundle.config
+    if classifier is None or cfg.classifier.pooling != "lse":
+        return None
+    device = model_device(bundle)
+    probe = torch.zeros(1, cfg.data.image_channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    with torch.inference_mode():
+        regions = classifier.region_logits(probe, torch.zeros(1, dtype=torch.long, device=device)).shape[1]
+    side = round(regions**0.5)
+    return cfg.data.image_size // side if side * side == regions and cfg.data.image_size % side == 0 else None
+
+
 def p_healthy(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
     """p(healthy | x, t=0) for clean slices x (N, C, S, S) -> (N,); NaN for a classifier-free model (no classifier)."""
     if bundle.classifier is None:

@@ -53,6 +53,28 @@ def report_markdown(report: EvaluationReport) -> str:
             + " | ".join(_f(r.dice_at_fpr[k]) for k in fpr_keys)
             + f" | {_with_ci(r.slice_auroc_max, r.ci.get('slice_auroc_max'))} | {_f(r.slice_auroc_mean)} | {p} |"
         )
+    quality = [r for r in report.results if r.quality and any(np.isfinite(v) for v in r.quality.values())]
+    if quality:
+        lines += [
+            "",
+            "### Counterfactual quality (mean over volumes; model resolution, normalised units)",
+            "",
+            "Healthy-tissue change: mean |x - x_healthy| over brain pixels of lesion-free slices, and outside the "
+            "lesion dilated by 3 px on diseased slices (lower is better). Lesion removal: the share of the lesion's "
+            "contrast to its surrounding ring that the counterfactual removes, in its most hyperintense channel "
+            "(1: gone). Lattice: the change's power at the classifier's region-grid period over neighbouring "
+            "frequencies (about 1: none).",
+            "",
+            "| method | change, lesion-free slices | change, healthy tissue of diseased slices | lesion removal | "
+            "p(healthy) after, diseased slices | lattice |",
+            "|---" * 6 + "|",
+        ]
+        for r in quality:
+            q = r.quality
+            lines.append(
+                f"| {r.method} | {_f(q['change_clean'])} | {_f(q['change_diseased'])} | "
+                f"{_f(q['lesion_removal'])} | {_f(q['p_healthy_diseased'])} | {_f(q['lattice'])} |"
+            )
     lines += ["", "Methods: " + "; ".join(f"**{r.method}**: {r.description}" for r in report.results)]
     lines += ["", "Regimes: " + "; ".join(f"**{name}**: {text}" for name, text in REGIME_TEXT.items()), ""]
     lines += [
@@ -108,6 +130,7 @@ def flat_metrics(report: EvaluationReport) -> dict[str, float]:
             **{f"patient_mean_{k}": v for k, v in r.per_patient.items()},
             "small_auroc": r.by_size.get("small", {}).get("auroc", float("nan")),
             "small_auprc": r.by_size.get("small", {}).get("auprc", float("nan")),
+            **{f"quality_{k}": v for k, v in r.quality.items()},
         }
         flat.update({f"{r.method}.{k}": float(v) for k, v in base.items()})
     return flat

@@ -29,6 +29,7 @@ from anomaly_diffusion.evaluation.postprocess import (
     candidate_thresholds,
     drop_small_components,
 )
+from anomaly_diffusion.evaluation.quality import QUALITY_METRICS
 from anomaly_diffusion.evaluation.scoring import VolumeScores
 from anomaly_diffusion.metrics import (
     auprc,
@@ -80,6 +81,7 @@ class MethodResult:
     p_healthy_before: float = float("nan")
     p_healthy_after: float = float("nan")
     per_patient: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -339,7 +341,14 @@ def evaluate_method(
         p_healthy_before=float(np.mean(p_before)) if p_before else float("nan"),
         p_healthy_after=float(np.mean(p_after)) if p_after else float("nan"),
         per_patient=per_patient,
+        quality=_mean_quality(volumes, name),
     )
+
+
+def _mean_quality(volumes: Sequence[VolumeScores], name: str) -> dict[str, float]:
+    """Each counterfactual-quality value's mean over the volumes; {} for a method without counterfactuals."""
+    measured = [v.quality[name] for v in volumes if name in v.quality]
+    return {k: _nanmean([q[k] for q in measured]) for k in QUALITY_METRICS} if measured else {}
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -29,7 +29,8 @@ from anomaly_diffusion.data.transforms import (
 from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.evaluation.methods import Method
 from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess, eroded, median_3d
-from anomaly_diffusion.explain import SliceDecodings
+from anomaly_diffusion.evaluation.quality import counterfactual_quality
+from anomaly_diffusion.explain import SliceDecodings, region_period
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.scans import assemble_scan, prepare_scan
 
@@ -60,6 +61,7 @@ class VolumeScores:
         pixel_area_mm2: in-plane area of one voxel.
         healthy_slices: slice numbers with fewer than `min_lesion_pixels` lesion voxels.
         p_healthy: method name -> (before, after) mean p(healthy | x, t=0) over slices.
+        quality: method name -> its counterfactuals' quality values (`quality.counterfactual_quality`).
         examples: slice number -> model-resolution views for the first diffusion method.
         grid_shape: the shape of the scored voxels' bounding box in the plane stack (A, B, N).
         voxel_index: (V,) each scored voxel's flat (C-order) index in that box, for 3D
@@ -75,6 +77,7 @@ class VolumeScores:
     pixel_area_mm2: float
     healthy_slices: np.ndarray
     p_healthy: dict[str, tuple[float, float]] = field(default_factory=dict)
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: dict[int, SliceExample] = field(default_factory=dict)
     grid_shape: tuple[int, ...] = ()
     voxel_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -138,6 +141,8 @@ def score_volume(
     healthy_slices = np.array([k for k in state.kept if lesion_per_slice[k] < cfg.data.min_lesion_pixels], dtype=int)
     scores: dict[str, np.ndarray] = {}
     p_healthy: dict[str, tuple[float, float]] = {}
+    quality: dict[str, dict[str, float]] = {}
+    period = region_period(bundle)
     examples: dict[int, SliceExample] = {}
     cache = SliceDecodings(bundle, prepared.x)
     truth_slices = mask_to_slices(truth_volume, state)
@@ -158,6 +163,9 @@ def score_volume(
         scores[method.name] = voxels(explanation.anomaly_map, size, 0.0)
         sl = explanation.slices
         p_healthy[method.name] = (float(sl.p_healthy_before.mean()), float(sl.p_healthy_after.mean()))
+        quality[method.name] = counterfactual_quality(
+            sl.x, sl.x_healthy, truth_slices, prepared.slice_foreground, sl.p_healthy_after, period
+        )
         if not examples:
             for i, k in enumerate(state.kept.tolist()):
                 examples[k] = SliceExample(
@@ -174,6 +182,7 @@ def score_volume(
         pixel_area_mm2=in_plane_pixel_area(scan.affine, state),
         healthy_slices=healthy_slices,
         p_healthy=p_healthy,
+        quality=quality,
         examples=examples,
         grid_shape=box,
         voxel_index=voxel_index.astype(np.int32 if np.prod(box) < 2**31 else np.int64),

@@ -33,7 +33,8 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
             "--checkpoint",
             str(bundle),
             "--methods",
-            "guided,unguided,intensity,strong:L=10;s=30;K=5,mix:L=10+20;K=5;enc=noise;n=2;m=0,bright:L=10;s=30;K=5;r=pos",
+            "guided,unguided,intensity,strong:L=10;s=30;K=5,mix:L=10+20;K=5;enc=noise;n=2;m=0,bright:L=10;s=30;K=5;r=pos,"
+            "paired:L=10;s=30;K=5;r=pos;p=rec",
             "--bootstrap",
             "20",
             "--median-filter",
@@ -50,7 +51,7 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "results.json").read_text())
     by_method = {r["method"]: r for r in report["results"]}
-    assert list(by_method) == ["guided", "unguided", "intensity", "strong", "mix", "bright"]
+    assert list(by_method) == ["guided", "unguided", "intensity", "strong", "mix", "bright", "paired"]
     assert report["threshold_source"] == "best Dice on the val split"
     assert report["lesion_voxels"] > 0 and report["pathological_slices"] > 0 and report["healthy_slices"] > 0
     # the planted lesions are +80 on a brain of 100 +- 10: intensity alone must find them
@@ -66,6 +67,17 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
     # same decoding as 'strong', only its brighter-than-healthy part: the planted lesions are bright
     assert by_method["bright"]["description"] == "guided s=30, L=10, K=5, positive residual"
     assert by_method["bright"]["auroc"] != by_method["strong"]["auroc"]
+    # the same decoding again, measured against the plain reconstruction of its x_L
+    assert by_method["paired"]["description"].endswith("paired with the plain reconstruction, positive residual")
+    assert by_method["paired"]["auroc"] != by_method["bright"]["auroc"]
+    # counterfactual quality for every diffusion method, none for raw intensity
+    assert by_method["intensity"]["quality"] == {}
+    for name in ("guided", "unguided", "strong", "paired"):
+        q = by_method[name]["quality"]
+        assert q["change_clean"] > 0 and q["change_diseased"] > 0 and q["lesion_removal"] < 1, name
+        assert 0 <= q["p_healthy_diseased"] <= 1, name
+    assert by_method["strong"]["quality"] == by_method["paired"]["quality"]  # one counterfactual, two maps
+    assert "### Counterfactual quality" in (out / "results.md").read_text()
     assert (by_method["guided"]["regime"], by_method["intensity"]["regime"]) == ("weak", "none")
     assert "| weak | guided |" in result.output and "| none | intensity |" in result.output
     mix = "guided s=10, L=10+20, K=5, noised to L (DDPM forward), mean of 2 draw(s), median filter 0"
@@ -78,6 +90,8 @@ def test_evaluate_writes_tables_plots_and_an_mlflow_run(
     run = runs[0]
     assert run.data.params["split"] == "test" and run.data.params["threshold_split"] == "val"
     assert run.data.metrics["intensity.auroc"] == pytest.approx(intensity["auroc"])
+    strong_change = by_method["strong"]["quality"]["change_clean"]
+    assert run.data.metrics["strong.quality_change_clean"] == pytest.approx(strong_change)
     assert "guided.dice_slice_otsu" in run.data.metrics
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/results.md", "evaluate/roc_pr.png", "evaluate/montage.png"} <= logged
