@@ -168,6 +168,8 @@ class ExplainConfig(_Strict):
     residual_channel: int | None = Field(None, ge=0)  # the map from this channel only; None: summed over channels
     smooth: float = Field(0.0, ge=0)  # std (pixels) of the Gaussian low-passing the classifier gradient (no lattice)
     mask: MaskConfig = MaskConfig()
+    # slices with p(pathological | x, t=0) below it are not decoded (map 0): pays for a second decoding
+    gate: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("encode_label", mode="before")
     @classmethod

@@ -74,6 +74,8 @@ class ExplainSettings:
         residual_channel: the map from this channel alone; None sums the channels.
         smooth: std in pixels of the Gaussian that low-passes the classifier gradient (0: none).
         mask: the soft lesion mask of decoding 'masked'.
+        gate: slices the classifier calls healthy, p(pathological | x, t=0) < gate, are not decoded:
+            their counterfactual is the input and their map 0 (0: every slice is decoded).
     """
 
     grid: DdimGrid
@@ -92,6 +94,7 @@ class ExplainSettings:
     residual_channel: int | None = None
     smooth: float = 0.0
     mask: MaskSettings = field(default_factory=MaskSettings)
+    gate: float = 0.0
 
     @property
     def noise_level(self) -> int:
@@ -111,7 +114,7 @@ class ExplainSettings:
         harmonised = self.harmonisation if self.decoding == "thor" else None
         mask = self.mask if self.decoding in NEEDS_MASK else None
         guided = (self.guidance, self.smooth) if self.scale > 0 else "none"
-        return (self.encode_key, self.scale, guided, self.decoding, harmonised, mask)
+        return (self.encode_key, self.scale, guided, self.decoding, harmonised, mask, self.gate)
 
     @property
     def plain_key(self) -> tuple[object, ...]:
@@ -138,13 +141,14 @@ def explain_settings(
     residual_channel: int | None = None,
     smooth: float | None = None,
     mask: MaskSettings | None = None,
+    gate: float | None = None,
 ) -> ExplainSettings:
     """The bundle's `explain` defaults with the given values replacing them, checked once.
 
     Checks, with one-line errors: 1 <= L < T and 1 <= K <= L (`ddim_grid`), 0 <= s <= MAX_SCALE,
     a registered guidance target this classifier can give, a registered residual, encoding and
     decoding, a noise cell of at least one pixel, a pairing, a residual channel the model has, a
-    smoothing >= 0, a masked decoding only with an `lse` classifier.
+    smoothing >= 0, a masked decoding only with an `lse` classifier, a gate in [0, 1) only with a classifier.
     `steps` None takes the bundle's `explain.steps` unless `steps_given` (then None means K = L).
     """
     e = bundle.config.explain
@@ -174,6 +178,11 @@ def explain_settings(
     sigma = e.smooth if smooth is None else smooth
     if not (sigma >= 0 and np.isfinite(sigma)):
         raise ConfigError(f"smoothing must be >= 0 pixels, got {sigma}")
+    gate = e.gate if gate is None else gate
+    if not 0 <= gate < 1:
+        raise ConfigError(f"gate must be in [0, 1), got {gate}")
+    if gate > 0 and bundle.classifier is None:
+        raise ConfigError("gate needs a classifier (p(pathological | x)); this model is classifier-free")
     m = e.mask
     return ExplainSettings(
         grid=grid,
@@ -192,6 +201,7 @@ def explain_settings(
         residual_channel=channel,
         smooth=float(sigma),
         mask=mask or MaskSettings(m.threshold, m.dilation, m.sigma),
+        gate=float(gate),
     )
 
 
@@ -553,10 +563,12 @@ class SliceDecodings:
     `pairing: reconstruction` compares with is the unguided DDIM decoding (`plain_key`): taken from
     the cache (an s = 0 candidate, or a masked decoding that walked it beside the guided one), else
     decoded once. Explain, its ensembles and evaluate all go through this one cache.
+    With `gate` > 0 only the slices the classifier calls pathological are decoded (`kept`).
     """
 
     def __init__(self, bundle: ModelBundle, x: torch.Tensor) -> None:
         self.bundle, self.x = bundle, x
+        self._p_healthy: torch.Tensor | None = None
         self._encoded: dict[object, torch.Tensor] = {}
         self._decoded: dict[object, Decoded] = {}
         self._plain: dict[object, torch.Tensor] = {}
@@ -568,11 +580,33 @@ class SliceDecodings:
             self._encoded[settings.encode_key] = encode_slices(self.bundle, self.x, settings)
         return self._encoded[settings.encode_key]
 
+    def kept(self, settings: ExplainSettings) -> torch.Tensor:
+        """(N,) bool: the slices the settings decode, p(pathological | x, t=0) >= gate (all without a gate)."""
+        if settings.gate <= 0:
+            return torch.ones(self.x.shape[0], dtype=torch.bool)
+        if self._p_healthy is None:
+            self._p_healthy = p_healthy_batched(self.bundle, self.x, settings.batch_size)
+        return (1 - self._p_healthy) >= settings.gate
+
     def decoded(self, settings: ExplainSettings, progress: SliceProgress | None = None) -> Decoded:
-        """The settings' counterfactuals (and the plain reconstruction where the decoding walked it)."""
+        """The settings' counterfactuals (and the plain reconstruction where the decoding walked it).
+
+        Slices a gate leaves out keep the input as counterfactual and as plain reconstruction.
+        """
         key = settings.decode_key
         if key not in self._decoded:
-            decoded = counterfactuals(self.bundle, self.encoded(settings), settings, progress, x_0=self.x)
+            x_L, keep = self.encoded(settings), self.kept(settings)
+            if bool(keep.all()):
+                decoded = counterfactuals(self.bundle, x_L, settings, progress, x_0=self.x)
+            else:
+                part = counterfactuals(self.bundle, x_L[keep], settings, progress, x_0=self.x[keep])
+                healthy = self.x.clone()
+                healthy[keep] = part.healthy
+                plain = None
+                if part.plain is not None:
+                    plain = self.x.clone()
+                    plain[keep] = part.plain
+                decoded = Decoded(healthy, plain)
             self._decoded[key] = decoded
             if decoded.plain is not None:
                 self._plain.setdefault(settings.plain_key, decoded.plain)
@@ -601,7 +635,11 @@ class SliceDecodings:
         explanation = self._explained[key]
         if settings.pairing == "reconstruction" and explanation.x_plain is None:
             explanation = self._explained[key] = replace(explanation, x_plain=self.reconstruction(settings))
-        return with_residual(explanation, settings)
+        explained = with_residual(explanation, settings)
+        keep = self.kept(settings)
+        if not bool(keep.all()):
+            explained.anomaly_map[~keep] = 0.0  # a slice the gate calls healthy has no anomaly
+        return explained
 
 
 def explain_slices(

@@ -79,6 +79,7 @@ class Method:
         residual_channel: the map from one channel; None: the bundle's `explain.residual_channel`.
         smooth: the classifier gradient's Gaussian low-pass in pixels; None: the bundle's `explain.smooth`.
         mask: the masked decoding's mask settings; None: the bundle's `explain.mask`.
+        gate: slices with p(pathological) below it are not decoded; None: the bundle's `explain.gate`.
         median: this method's in-plane median filter size (None: the evaluation's).
         residual: a `RESIDUALS` name; None: the bundle's `explain.residual`.
         guidance: a `GUIDANCE` name; None: the bundle's `explain.guidance`.
@@ -107,6 +108,7 @@ class Method:
     residual_channel: int | None = None
     smooth: float | None = None
     mask: MaskSettings | None = None
+    gate: float | None = None
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -154,6 +156,9 @@ class Method:
             smooth = self.plans[0].smooth if self.plans else self.smooth
             if smooth and self.scale > 0:
                 text += f", gradient smoothed (sigma {smooth:g} px)"
+            gate = self.plans[0].gate if self.plans else self.gate
+            if gate:
+                text += f", slices with p(pathological) < {gate:g} not decoded"
             if self.guidance not in (None, PAPER.guidance) and self.scale > 0:  # the paper's choices go unsaid
                 text += f", {self.guidance} guidance"
             if self.residual not in (None, PAPER.residual):
@@ -162,7 +167,8 @@ class Method:
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f", "p", "rc", "sm", "mt", "md", "ms")
+_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f")
+_KEYS += ("p", "rc", "sm", "mt", "md", "ms", "gt")
 _PAIRING_SHORT = {"input": "in", "reconstruction": "rec"}
 _RESIDUAL_SHORT = {"positive": "pos", "negative": "neg"}
 
@@ -236,8 +242,9 @@ def _parse_method(spec: str, cfg: Config) -> Method:
       m (a median filter for this method), r (the map's residual: abs, pos or neg), g (a guidance
       target: slice or regions), p (pairing: in, the input, or rec, the plain reconstruction of the
       same x_L), rc (the map from one channel), sm (the classifier gradient's Gaussian low-pass in
-      pixels), mt, md, ms (masked decoding's mask threshold, dilation and blur); missing ones come
-      from guided (and the bundle's explain config).
+      pixels), mt, md, ms (masked decoding's mask threshold, dilation and blur), gt (the slice gate:
+      slices with p(pathological) below it are not decoded); missing ones come from guided (and the
+      bundle's explain config).
       `NAME:c=0,m=5` is the intensity of channel c, median-filtered.
     """
     e = cfg.explain
@@ -336,6 +343,7 @@ def _parse_method(spec: str, cfg: Config) -> Method:
         residual_channel=values.get("rc"),
         smooth=values.get("sm"),
         mask=mask,
+        gate=values.get("gt"),
     )
 
 
@@ -385,6 +393,7 @@ def bind_methods(methods: Sequence[Method], bundle: ModelBundle, batch_size: int
                         residual_channel=m.residual_channel,
                         smooth=m.smooth,
                         mask=m.mask,
+                        gate=m.gate,
                     )
                     for level in m.levels
                     for seed in range(m.seeds)

@@ -64,6 +64,7 @@ from anomaly_diffusion.usecases.explain import (
     Explainer,
     ExplainOptions,
     ExplainRequest,
+    counterfactual_params,
     explain_study,
     load_explainer,
     track_study,
@@ -319,6 +320,7 @@ def _settings(explainer: Explainer) -> dict[str, Any]:
         "seed": s.seed,
         "threshold": threshold,
         "model": explainer.identity,
+        **counterfactual_params(s),  # only where set: cohorts made before these options stay complete
     }
 
 

@@ -18,6 +18,7 @@ from anomaly_diffusion.data.dicom import redact
 from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
 from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.transforms import PreprocessState, explained_region, normalise
+from anomaly_diffusion.diffusion.decoding import NEEDS_MASK
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_scan_ensemble, explain_settings, is_stochastic
 from anomaly_diffusion.files import atomic_write_bytes
@@ -539,6 +540,23 @@ def _method_params(bundle: ModelBundle, settings: ExplainSettings) -> dict[str, 
     }
 
 
+def counterfactual_params(settings: ExplainSettings) -> dict[str, object]:
+    """The map's pairing and channel, the gradient smoothing and the mask, where they differ from the paper's."""
+    params: dict[str, object] = {}
+    if settings.pairing != "input":
+        params["pairing"] = settings.pairing
+    if settings.residual_channel is not None:
+        params["residual_channel"] = settings.residual_channel
+    if settings.smooth > 0 and settings.scale > 0:
+        params["smooth"] = settings.smooth
+    if settings.gate > 0:
+        params["gate"] = settings.gate
+    if settings.decoding in NEEDS_MASK:
+        m = settings.mask
+        params.update({"mask_threshold": m.threshold, "mask_dilation": m.dilation, "mask_sigma": m.sigma})
+    return params
+
+
 def _ensemble_params(plans: Sequence[ExplainSettings]) -> dict[str, object]:
     """The encoding, decoding and ensemble of an explanation, as run parameters."""
     first = plans[0]
@@ -551,6 +569,7 @@ def _ensemble_params(plans: Sequence[ExplainSettings]) -> dict[str, object]:
             {"harmonise_levels": h.levels, "harmonise_threshold": h.threshold, "harmonise_dilation": h.dilation}
         )
         params["harmonise_soft"] = h.soft
+    params.update(counterfactual_params(first))
     if len(plans) > 1:
         params["ensemble_levels"] = "+".join(str(level) for level in dict.fromkeys(p.noise_level for p in plans))
         params["ensemble_draws"] = len({p.seed for p in plans})
@@ -575,7 +594,9 @@ def _run_description(params: dict[str, object], metrics: dict[str, float]) -> st
     lines = [
         f"Explained `{params['inputs']}` with L={levels}, s={params['scale']}, "
         f"K={params['steps']} DDIM steps; the map is made by {guided}, {params['residual']} residual; "
-        f"{params['encoding']} encoding, {params['decoding']} decoding.",
+        f"{params['encoding']} encoding, {params['decoding']} decoding"
+        + (", compared with the plain reconstruction of x_L" if params.get("pairing") == "reconstruction" else "")
+        + ".",
         "",
         healthy,
         f"- max anomaly score: {metrics['anomaly_max']:.3f}; {metrics['anomaly_volume_ml']:.2f} mL above the "

@@ -24,6 +24,7 @@ from anomaly_diffusion.explain import (
     explain_slices,
     guidance_mask,
     is_stochastic,
+    p_healthy_batched,
 )
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.models.networks import build_classifier
@@ -204,3 +205,23 @@ def test_method_keys_for_pairing_channel_smoothing_and_mask() -> None:
     for spec, message in (("x:mt=0.3", "add dec=masked"), ("x:p=nope", "p must be in or rec"), ("x:sm=a", "number")):
         with pytest.raises(ConfigError, match=message):
             parse_method(spec, cfg)
+
+
+def test_a_gate_decodes_only_the_slices_the_classifier_calls_pathological() -> None:
+    bundle = _lse_bundle()
+    x = _slices(5)
+    p_pathological = 1 - p_healthy_batched(bundle, x)
+    gate = float(p_pathological.median())  # one slice below, two at or above
+    keep = p_pathological >= gate
+    assert 0 < int(keep.sum()) < 3
+    ungated = explain_settings(bundle, scale=30.0, guidance="regions", pairing="reconstruction")
+    gated = explain_settings(bundle, scale=30.0, guidance="regions", pairing="reconstruction", gate=gate)
+    assert gated.decode_key != ungated.decode_key
+    full, part = explain_slices(bundle, x, ungated), explain_slices(bundle, x, gated)
+    assert torch.equal(part.x_healthy[~keep], x[~keep]) and float(part.anomaly_map[~keep].abs().max()) == 0.0
+    # a slice is decoded alone or in a batch alike: the kept slices get the ungated counterfactual
+    assert torch.allclose(part.x_healthy[keep], full.x_healthy[keep], atol=1e-5)
+    assert torch.allclose(part.anomaly_map[keep], full.anomaly_map[keep], atol=1e-5)
+    assert parse_method("g:gt=0.4", load_config(TINY)).gate == 0.4
+    with pytest.raises(ConfigError, match=r"gate must be in \[0, 1\)"):
+        explain_settings(bundle, gate=1.0)
