@@ -69,6 +69,20 @@ DROPPED_KEYWORDS = (
     "DerivationCodeSequence",
 )
 """Attributes of a source instance that describe its stored pixels or derivation, not the counterfactual's."""
+SERIES_TYPE2 = ("Manufacturer", "PositionReferenceIndicator")
+"""Type 2 attributes of the General Equipment and Frame of Reference modules every derived instance has."""
+MODALITY_TYPE2 = {
+    "MR": ("ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength", "PatientPosition"),
+    "CT": ("KVP", "AcquisitionNumber", "PatientPosition"),
+}
+"""Type 2 (and 2C whose condition a derived image of one modality always meets, e.g. RepetitionTime unless
+echo planar *and* segmented k-space; PatientPosition without a PatientOrientationCodeSequence) attributes of
+the modality's image module: present, empty where the source lacks them (empty means unknown)."""
+UNPAIRED = frozenset(
+    {"BRAIN", "HEAD", "SKULL", "HEADNECK", "NECK", "CHEST", "THORAX", "HEART", "ABDOMEN", "LIVER", "PELVIS"}
+    | {"SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "WHOLEBODY"}
+)
+"""BodyPartExamined values of unpaired parts, whose Laterality is absent, not empty (dciodvfy warns on an empty one)."""
 INT16 = np.iinfo(np.int16)
 
 
@@ -204,11 +218,41 @@ def _series_number(source: DicomSource, output: str) -> int:
 
 
 def _window(volume: np.ndarray) -> hd.VOILUTTransformation:
+    """A window over the volume's whole range. LINEAR_EXACT maps [center - width/2, center + width/2] onto the
+    display range exactly; the default LINEAR's off-by-one terms assume integer pixels and forbid a width
+    below 1, and anomaly scores are real numbers in [0, 1] (a width of 0.3 is typical)."""
     import highdicom as hd
 
     low, high = float(volume.min()), float(volume.max())
     width = max(high - low, 1e-6)
-    return hd.VOILUTTransformation(window_center=low + width / 2, window_width=width)
+    return hd.VOILUTTransformation(
+        window_center=low + width / 2,
+        window_width=width,
+        window_explanation="full range",
+        voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+    )
+
+
+def _laterality(ds: Dataset, source: Dataset) -> None:
+    """Set the General Series module's Laterality (Type 2C: required for a paired body part) as the
+    source's; where the source has none, empty (unknown) unless its BodyPartExamined is unpaired.
+
+    A Segmentation is left to highdicom (it copies BodyPartExamined): dciodvfy counts any Laterality in a
+    SEG as an error.
+    """
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in source and keyword not in ds:
+            setattr(ds, keyword, source[keyword].value)
+    if "Laterality" not in ds and str(ds.get("BodyPartExamined", "") or "").upper() not in UNPAIRED:
+        ds.Laterality = ""
+
+
+def _fill_type2(ds: Dataset) -> None:
+    """Add the Type 2 attributes a derived instance of a sparse source would lack, empty (unknown)."""
+    modality = str(ds.get("Modality", "") or "")
+    for keyword in (*TYPE2_STUDY_KEYWORDS, *SERIES_TYPE2, *MODALITY_TYPE2.get(modality, ())):
+        if keyword not in ds and not (keyword == "PatientPosition" and "PatientOrientationCodeSequence" in ds):
+            setattr(ds, keyword, None)
 
 
 def parametric_map(
@@ -227,7 +271,7 @@ def parametric_map(
         intercept=0.0,
     )
     output = "anomaly_map" if label == "ANOMALY" else "healthy"
-    return hd.pm.ParametricMap(
+    pm = hd.pm.ParametricMap(
         source_images=images,
         pixel_array=frames.astype(np.float32),
         **_new_series(source, output),
@@ -238,6 +282,8 @@ def parametric_map(
         content_label=label,
         series_description=description,
     )
+    _laterality(pm, source.datasets[0])
+    return pm
 
 
 def _new_series(source: DicomSource, output: str) -> dict[str, Any]:
@@ -271,7 +317,7 @@ def segmentation(source: DicomSource, mask: np.ndarray, threshold: float) -> hd.
             name="adiff", version=__version__, family=codes.cid7162.ArtificialIntelligence
         ),
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=images,
         pixel_array=frames.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -281,6 +327,7 @@ def segmentation(source: DicomSource, mask: np.ndarray, threshold: float) -> hd.
         content_description=f"adiff anomaly score above {threshold:.4g}"[:64],
         series_description="adiff anomaly segmentation",
     )
+    return seg
 
 
 def rescale_for(volume: np.ndarray) -> tuple[float, float]:
@@ -325,6 +372,8 @@ def write_derived_series(source: DicomSource, volume: np.ndarray, folder: Path) 
         reference.ReferencedSOPClassUID = src.SOPClassUID
         reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
         ds.SourceImageSequence = [reference]
+        _fill_type2(ds)
+        _laterality(ds, src)
         # in float64: float32 would round some values to the wrong side of a half step
         exact = (volume[:, :, k].T.astype(np.float64) - intercept) / slope
         stored = np.clip(np.rint(exact), INT16.min, INT16.max)

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from cli_support import one_line_error, runner
-from dicom_series import FRAME_OF_REFERENCE_UID, IDENTIFIERS, STUDY_UID, _write_series
+from dicom_series import FRAME_OF_REFERENCE_UID, IDENTIFIERS, STUDY_UID, _write_series, dciodvfy, needs_dciodvfy
 from mlflow.tracking import MlflowClient
 
 from anomaly_diffusion.cli import app
@@ -155,3 +155,66 @@ def test_a_colour_png_for_a_model_of_volumes_is_refused_before_any_run_or_output
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.data.tags["adiff.kind"] for r in runs] == ["train"]
+
+
+def _on_nifti_grid(volume: object, affine: np.ndarray) -> np.ndarray:
+    """A highdicom Volume's voxels resampled by index onto a NIfTI grid (X, Y, Z): each of its voxel centres
+    maps to a NIfTI voxel centre, or the test fails (same grid, any axis order or direction). A SEG's volume
+    has a fourth axis, its segments: the only one is taken."""
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    array = volume.array  # type: ignore[attr-defined]
+    array = array[..., 0] if array.ndim == 4 else array
+    index = np.indices(array.shape).reshape(3, -1)
+    world = lps_to_ras @ volume.affine @ np.vstack([index, np.ones(index.shape[1])])  # type: ignore[attr-defined]
+    ijk = (np.linalg.inv(affine) @ world)[:3]
+    assert np.abs(ijk - np.rint(ijk)).max() < 1e-4
+    ijk = np.rint(ijk).astype(int)
+    out = np.full(tuple(ijk.max(axis=1) + 1), np.nan)
+    out[tuple(ijk)] = array.reshape(-1)
+    return out
+
+
+@needs_dciodvfy
+def test_every_dicom_output_of_an_explain_passes_dciodvfy_and_reads_back_as_the_nifti_maps(
+    tmp_path: Path, tracking_uri: str, bundle: Path
+) -> None:
+    import highdicom as hd
+
+    rng = np.random.default_rng(3)
+    stored = np.zeros((24, 20, 8), np.int16)
+    stored[3:21, 3:17, 1:7] = rng.integers(500, 900, (18, 14, 6))
+    folder = tmp_path / "series"
+    _write_series(folder, stored)
+    for path in folder.iterdir():  # the source itself is conformant: a new error is the writer's
+        assert dciodvfy(path)[0] == [], path.name
+    out = tmp_path / "explain"
+    args = ["explain", str(folder), "--checkpoint", str(bundle), "--out", str(out), "--tracking-uri", tracking_uri]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    (map_path,) = out.glob("*_anomaly_map.nii.gz")
+    stem = map_path.name.removesuffix("_anomaly_map.nii.gz")
+    pm_path, seg_path, derived = (
+        out / f"{stem}_{name}" for name in ("anomaly_map.dcm", "anomaly_seg.dcm", "healthy_dcm")
+    )
+    instances = sorted(derived.iterdir())
+    assert len(instances) == stored.shape[2]
+    for path in (pm_path, seg_path, *instances):
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+
+    # highdicom reads every object back; each equals its NIfTI output to the stored precision
+    nifti = nib.load(map_path)
+    anomaly = np.asarray(nifti.dataobj)
+    healthy = np.asarray(nib.load(out / f"{stem}_healthy.nii.gz").dataobj)
+    threshold = json.loads((out / f"{stem}_explain.json").read_text())["metrics"]["anomaly_threshold"]
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(pm_path))
+    np.testing.assert_array_equal(_on_nifti_grid(pm.get_volume(), nifti.affine), anomaly)  # float32: exact
+    seg = hd.seg.segread(seg_path)
+    np.testing.assert_array_equal(_on_nifti_grid(seg.get_volume(), nifti.affine), anomaly > threshold)
+    series = [hd.imread(path) for path in instances]
+    volume = hd.get_volume_from_series(series)
+    step = float(pydicom.dcmread(instances[0]).RescaleSlope)
+    precision = step / 2 + 2e-7 * np.abs(healthy).max()  # half an int16 step, plus float32 rounding
+    np.testing.assert_allclose(_on_nifti_grid(volume, nifti.affine), healthy, rtol=0, atol=precision)

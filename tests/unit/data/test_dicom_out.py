@@ -15,6 +15,8 @@ from dicom_series import (
     _stored_volume,
     _write_enhanced,
     _write_series,
+    dciodvfy,
+    needs_dciodvfy,
 )
 from pydicom.dataset import Dataset
 
@@ -213,3 +215,109 @@ def test_atomic_folder_replaces_whole_or_keeps_the_old_one(tmp_path: Path) -> No
         atomic_write_folder(target, fail)
     assert sorted(p.name for p in target.iterdir()) == ["c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["series_dcm"]  # no temporary folder left
+
+
+SPARSE_SOURCE = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyID",
+    "Manufacturer",
+    "PositionReferenceIndicator",
+    "BodyPartExamined",
+    "PatientPosition",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
+)
+"""Type 2 (and 2C) attributes a real export may lack: the outputs must have them all the same."""
+
+
+@needs_dciodvfy
+def test_the_synthetic_source_series_passes_dciodvfy(tmp_path: Path) -> None:
+    _write_series(tmp_path, _stored_volume(SHAPE))
+    for path in tmp_path.iterdir():
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("sparse", [False, True], ids=["conformant-source", "source-lacking-type-2"])
+def test_every_output_object_passes_dciodvfy_with_zero_errors(tmp_path: Path, sparse: bool) -> None:
+    series = tmp_path / "series"
+    _write_series(series, _stored_volume(SHAPE))
+    if sparse:
+        for path in series.iterdir():
+            ds = pydicom.dcmread(path)
+            for keyword in SPARSE_SOURCE:
+                delattr(ds, keyword)
+            ds.save_as(path)
+    scan = load_scan([series])
+    anomaly, healthy = _maps(scan)
+    anomaly *= 0.3  # scores well below 1, as a trained model's are: the window is narrower than 1
+    plan = plan_dicom_outputs(scan, tmp_path / "out", ["series"])
+
+    write_dicom_outputs(scan, anomaly, healthy, THRESHOLD * 0.3, plan)
+
+    objects = [plan.paths["anomaly_map_dicom"], plan.paths["anomaly_seg_dicom"]]
+    objects += sorted(plan.paths["healthy_dicom"].iterdir())
+    assert len(objects) == 2 + SHAPE[2]
+    for path in objects:
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+    pm = pydicom.dcmread(plan.paths["anomaly_map_dicom"])
+    voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    assert voi.VOILUTFunction == "LINEAR_EXACT"
+    low, high = float(anomaly.min()), float(anomaly.max())
+    assert float(voi.WindowWidth) == pytest.approx(high - low) and float(voi.WindowCenter) == pytest.approx(
+        (low + high) / 2
+    )
+    assert float(voi.WindowWidth) < 1
+    derived = pydicom.dcmread(objects[2])
+    if sparse:  # present and empty (unknown), never invented
+        for keyword in SPARSE_SOURCE:
+            if keyword != "BodyPartExamined":
+                assert keyword in derived and derived[keyword].value in (None, ""), keyword
+        assert pm.Laterality == "" and derived.Laterality == ""  # 2C: the body part is unknown, so it may be paired
+    else:  # the source's values, and no Laterality for an unpaired body part
+        assert derived.EchoTime == 15 and derived.Manufacturer == "ACME" and derived.PatientPosition == "HFS"
+        assert pm.BodyPartExamined == "BRAIN" and "Laterality" not in pm and "Laterality" not in derived
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize(
+    ("body_part", "laterality", "expected"),
+    [("BREAST", "L", "L"), (None, "R", "R"), ("KNEE", None, ""), ("BRAIN", None, None)],
+)
+def test_laterality_follows_the_body_part_and_no_object_errs(
+    tmp_path: Path, body_part: str | None, laterality: str | None, expected: str | None
+) -> None:
+    """Laterality (Type 2C) is the source's, empty (unknown) for a paired part without one, absent for an
+    unpaired part; never in the SEG (dciodvfy forbids it there)."""
+    series = tmp_path / "series"
+    _write_series(series, _stored_volume(SHAPE))
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.BodyPartExamined
+        if body_part:
+            ds.BodyPartExamined = body_part
+        if laterality:
+            ds.Laterality = laterality
+        ds.save_as(path)
+    scan = load_scan([series])
+    anomaly, healthy = _maps(scan)
+    plan = plan_dicom_outputs(scan, tmp_path / "out", ["series"])
+
+    write_dicom_outputs(scan, anomaly, healthy, THRESHOLD, plan)
+
+    pm, seg = (plan.paths[key] for key in ("anomaly_map_dicom", "anomaly_seg_dicom"))
+    derived = sorted(plan.paths["healthy_dicom"].iterdir())[0]
+    for path in (pm, seg, derived):
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+    for path in (pm, derived):
+        assert pydicom.dcmread(path).get("Laterality") == expected
+    assert "Laterality" not in pydicom.dcmread(seg)
