@@ -63,6 +63,8 @@ class Scan:
         dicom: per channel, the DICOM source headers (None for a channel read from another
             format); empty when no channel is DICOM.
         colour: the input was a colour image (averaged to grey).
+        picture: the input was a picture file (PNG, JPEG, TIFF, BMP, .npy): no geometry, no units, not
+            a scan; False for the scan formats (NIfTI, NRRD, MetaImage, DICOM).
     """
 
     data: np.ndarray
@@ -72,6 +74,7 @@ class Scan:
     sources: tuple[Path, ...]
     dicom: tuple[DicomSource | None, ...] = ()
     colour: bool = False
+    picture: bool = False
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -98,6 +101,7 @@ class Volume:
     spatial_shape: tuple[int, ...]
     dicom: DicomSource | None = None
     colour: bool = False
+    picture: bool = False
 
 
 MAX_VOXELS = 2**31  # a header claiming more is corrupt, not a scan
@@ -272,12 +276,13 @@ def read_volume(path: Path) -> Volume:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     suffix, header, source, colour = path.suffix.lower(), None, None, False
+    picture = suffix in (*IMAGE_SUFFIXES, ".npy")
     if path.is_dir() or suffix == ".dcm":
         from anomaly_diffusion.data.dicom import read_dicom_file, read_dicom_series
 
         volume = read_dicom_series(path) if path.is_dir() else read_dicom_file(path)
         array, affine, source = volume.data.astype(np.float32), volume.affine, volume.source
-    elif suffix in (*IMAGE_SUFFIXES, ".npy"):
+    elif picture:
         (array, colour), affine = _read_2d(path), np.eye(4)
     elif suffix in NRRD_SUFFIXES:
         array, affine = _read_nrrd(path)
@@ -303,7 +308,7 @@ def read_volume(path: Path) -> Volume:
     finite = np.isfinite(array)
     if not finite.all():
         raise InputError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf")
-    return Volume(array, affine, header, spatial_shape, source, colour)
+    return Volume(array, affine, header, spatial_shape, source, colour, picture)
 
 
 def load_scan(paths: Sequence[Path], expected_channels: int | None = None) -> Scan:
@@ -334,6 +339,7 @@ def load_scan(paths: Sequence[Path], expected_channels: int | None = None) -> Sc
         sources=tuple(paths),
         dicom=dicom,
         colour=any(volume.colour for volume in volumes),
+        picture=any(volume.picture for volume in volumes),
     )
 
 
@@ -346,7 +352,10 @@ def check_input_kind(scan: Scan, record: object) -> None:
     """Refuse a scan unlike every input the model was trained on (`trained_on`'s record).
 
     A 2D image for a model of 3D volumes (or the reverse) is refused, and so is a colour image
-    for a model trained on grey ones. Bundles saved before the record existed accept any scan.
+    for a model trained on grey ones. What decides is what the input is, not its slice count: a scan
+    file (NIfTI, NRRD, MetaImage, DICOM) of one slice, or a 2D NIfTI, is one slice of a scan, which a
+    model of volumes explains as it explains each slice of a volume; a picture file (PNG, JPEG, ...)
+    is not a scan. Bundles saved before the record existed accept any scan.
 
     Raises:
         InputError: one line naming the input, what it is and what the model was trained on.
@@ -356,7 +365,8 @@ def check_input_kind(scan: Scan, record: object) -> None:
     kinds = [InputKind(bool(k.get("volume")), bool(k.get("colour"))) for k in record if isinstance(k, dict)]
     kind = scan.kind
     shape = "x".join(str(n) for n in scan.spatial_shape)
-    if not any(k.volume == kind.volume for k in kinds):
+    one_slice_scan = not kind.volume and not scan.picture
+    if not any(k.volume == kind.volume or (one_slice_scan and k.volume) for k in kinds):
         trained = " and ".join(sorted({f"{k.describe()}s" for k in kinds}))
         raise InputError(
             f"{scan.sources[0]}: a {kind.describe()} ({shape}), but the model was trained on {trained}; "

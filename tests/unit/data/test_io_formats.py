@@ -173,3 +173,29 @@ def test_inputs_unlike_the_training_data_are_refused(tmp_path: Path) -> None:
     check_input_kind(load_scan([image]), trained_on([InputKind(False, colour=True)]))
     for old in (None, [], "garbage"):  # bundles saved before the record: any input
         check_input_kind(load_scan([image]), old)
+
+
+def test_one_slice_of_a_scan_is_a_scan_and_a_picture_file_is_not(tmp_path: Path) -> None:
+    """The kind check keys on what the input is (a scan file or a picture file), not on its slice count."""
+    from skimage import io as skio
+
+    rng = np.random.default_rng(0)
+    one_slice, flat = tmp_path / "one.nii.gz", tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((12, 10, 1)).astype(np.float32), AFFINE), one_slice)
+    nib.save(nib.Nifti1Image(rng.random((12, 10)).astype(np.float32), AFFINE), flat)
+    grey, array = tmp_path / "grey.png", tmp_path / "slice.npy"
+    skio.imsave(grey, rng.integers(0, 255, (10, 12)).astype(np.uint8), check_contrast=False)
+    np.save(array, rng.random((12, 10)).astype(np.float32))
+    volumes, greys = trained_on([InputKind(volume=True)]), trained_on([InputKind(volume=False)])
+
+    for path in (one_slice, flat):
+        scan = load_scan([path])
+        assert not scan.picture and not scan.kind.volume
+        check_input_kind(scan, volumes)  # one slice of a scan, for a model of volumes
+        check_input_kind(scan, greys)  # and for a model of 2D images, as before
+    for path, shape in ((grey, "12x10"), (array, "12x10")):
+        scan = load_scan([path])
+        assert scan.picture
+        with pytest.raises(InputError, match=rf"{path.name}: a 2D image \({shape}\), but the model was trained on 3D"):
+            check_input_kind(scan, volumes)
+        check_input_kind(scan, greys)
