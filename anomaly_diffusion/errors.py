@@ -28,3 +28,7 @@ class OutputError(AdiffError):
 
 class TrackingError(AdiffError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+class NoSpaceError(OutputError):
+    """A write failed for want of space (ENOSPC), quota (EDQUOT) or a read-only file system (EROFS)."""

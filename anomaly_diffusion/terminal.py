@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -20,6 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import AdiffError
+from anomaly_diffusion.files import no_space
 from anomaly_diffusion.residuals import RESIDUALS
 
 console = Console(stderr=True, soft_wrap=True)
@@ -117,6 +119,12 @@ def one_line_errors(command: F) -> F:
             return command(*args, **kwargs)
         except AdiffError as exc:
             _error_line(str(exc))
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a full disk outside our atomic writers (MLflow's artifact copies, ...)
+            full = no_space(exc, Path(exc.filename).parent if exc.filename else Path.cwd())
+            if full is None:
+                raise
+            _error_line(str(full))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]", highlight=False)

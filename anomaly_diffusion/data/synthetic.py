@@ -39,7 +39,7 @@ from scipy import ndimage
 from anomaly_diffusion.data.lesions import LESION_KINDS, add_lesions, rotation_matrix
 from anomaly_diffusion.data.manifest import SPLITS, ManifestRow, Split, write_manifest
 from anomaly_diffusion.errors import ConfigError, InputError
-from anomaly_diffusion.files import atomic_write_bytes
+from anomaly_diffusion.files import atomic_write, atomic_write_bytes
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -279,8 +279,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     image.set_sform(affine, code=2)
     image.set_qform(affine, code=2)
     image.header.set_xyzt_units(xyz="mm")
-    nib.save(image, path)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")  # a full disk: one line
 
 
 def build_demo_dataset(

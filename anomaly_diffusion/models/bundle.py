@@ -9,6 +9,7 @@ read with `torch.load(weights_only=True)`, so loading one never runs pickled cod
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from anomaly_diffusion import __version__
 from anomaly_diffusion.config import Config, config_from_dict
 from anomaly_diffusion.diffusion.schedule import NoiseSchedule
 from anomaly_diffusion.errors import CheckpointError, ConfigError
-from anomaly_diffusion.files import atomic_write
+from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.models.networks import NoiseAwareClassifier, build_classifier, build_unet
 
 BUNDLE_FORMAT = "anomaly_diffusion.bundle"
@@ -42,8 +43,13 @@ class ModelBundle:
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the target folder, then rename: never a half-written file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save into memory, then the bytes to a temporary file in the target folder and a rename: never a
+    half-written file. In memory first because torch's own file writer turns a full disk into a
+    RuntimeError ('unexpected pos ...') without its errno; a plain write raises `NoSpaceError`, with the
+    bytes the checkpoint needs."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getbuffer(), path)
 
 
 def bundle_dict(

@@ -50,7 +50,7 @@ from anomaly_diffusion.data.dicom import DicomSource, redact
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.patterns import find_subjects, pattern_regex, resolve_pattern
 from anomaly_diffusion.distributed import SINGLE, DistContext
-from anomaly_diffusion.errors import AdiffError, InputError, OutputError, TrackingError
+from anomaly_diffusion.errors import AdiffError, InputError, NoSpaceError, OutputError, TrackingError
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.folder_lock import folder_lock
 from anomaly_diffusion.tracking import (
@@ -503,6 +503,7 @@ def _explain_one(
     }
     error = study.problem
     result = None
+    full: NoSpaceError | None = None
     if error is None:
 
         def say(text: str) -> None:
@@ -523,8 +524,9 @@ def _explain_one(
             )
         except (KeyboardInterrupt, TrackingError):
             raise
-        except Exception as exc:  # a study's failure is recorded; the cohort goes on
+        except Exception as exc:  # a study's failure is recorded; the cohort goes on (unless the disk is full)
             error = _one_line(exc)
+            full = exc if isinstance(exc, NoSpaceError) else None
             if not isinstance(exc, AdiffError):  # a bug: keep the traceback beside the record
                 atomic_write_bytes(traceback.format_exc().encode(), folder / ERROR_LOG)
     record["seconds"] = time.perf_counter() - started
@@ -539,6 +541,8 @@ def _explain_one(
         tags = {PARENT_RUN_TAG: plan.parent_run_id, "adiff.study": name}
         record["run_id"] = failed_run(r.tracking_uri, experiment, name, "explain", tags, note, started_at)
         _write_record(r.out_dir, record)
+        if full is not None:  # every further study would fail the same way: stop; a rerun retries this one
+            raise full
         hooks.say(f"{study.subject}: failed: {error}")
         return record
     (folder / ERROR_LOG).unlink(missing_ok=True)
