@@ -24,6 +24,8 @@ NO_SPACE = {
 
 
 def _size(nbytes: int) -> str:
+    if nbytes >= 10**9:
+        return f"{nbytes / 1e9:.1f} GB"
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 100_000 else f"{nbytes} bytes"
 
 
@@ -38,8 +40,9 @@ def no_space(exc: BaseException, folder: Path, needed: int | None = None) -> NoS
     if not isinstance(exc, OSError) or exc.errno not in NO_SPACE:
         return None
     need = f"; the step needed {_size(needed)}" if needed else ""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)  # the folder may not be made yet
     try:
-        free = f", {_size(shutil.disk_usage(folder).free)} free" if exc.errno != errno.EROFS else ""
+        free = f", {_size(shutil.disk_usage(existing).free)} free" if existing and exc.errno != errno.EROFS else ""
     except OSError:
         free = ""
     return NoSpaceError(f"{folder}: {NO_SPACE[exc.errno]}{free}{need}; free space there and rerun")
