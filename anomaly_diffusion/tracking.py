@@ -9,6 +9,7 @@ The default store is a local SQLite file with artifacts in a folder beside it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from anomaly_diffusion import __version__
-from anomaly_diffusion.errors import TrackingError
+from anomaly_diffusion.errors import NoSpaceError, TrackingError
+from anomaly_diffusion.files import no_space
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,14 +53,33 @@ def _is_locked(exc: BaseException) -> bool:
     return "database is locked" in str(exc)
 
 
+SQLITE_NO_SPACE = {"database or disk is full": errno.ENOSPC, "attempt to write a readonly database": errno.EROFS}
+"""SQLite's messages for a store it cannot write for want of space or a writable file system."""
+
+
+def _no_space(uri: str, exc: BaseException) -> NoSpaceError | None:
+    """A SQLite store's 'database or disk is full' (or read-only) as the one line of a full disk, naming its folder."""
+    if not uri.startswith(_SQLITE):
+        return None
+    code = next((code for text, code in SQLITE_NO_SPACE.items() if text in str(exc)), None)
+    if code is None:
+        return None
+    folder = Path(uri[len(_SQLITE) :]).expanduser().resolve().parent
+    return no_space(OSError(code, os.strerror(code)), folder)
+
+
 def _patiently(uri: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), tried again while the SQLite store is locked by another writer (see `_Patient`)."""
+    """fn(*args, **kwargs), tried again while the SQLite store is locked by another writer (see `_Patient`);
+    a store on a full disk is one `NoSpaceError` line."""
     started = time.monotonic()
     while True:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
             waited = time.monotonic() - started
+            full = _no_space(uri, exc)
+            if full is not None:
+                raise full from exc
             if not _is_locked(exc):
                 raise
             if waited >= LOCK_PATIENCE_S:
@@ -246,7 +267,7 @@ def make_client(uri: str) -> Any:
     try:
         client = _Patient(_patiently(uri, MlflowClient, tracking_uri=uri), uri)
         client.search_experiments(max_results=1)
-    except TrackingError:
+    except (TrackingError, NoSpaceError):
         raise
     except Exception as exc:  # MLflow raises many kinds: report them as one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
@@ -359,7 +380,7 @@ def run_status(uri: str, run_id: str) -> str | None:
     client = make_client(uri)
     try:
         run = client.get_run(run_id)
-    except TrackingError:
+    except (TrackingError, NoSpaceError):
         raise
     except Exception:  # MLflow raises its own exception types for unknown runs
         return None
@@ -498,7 +519,7 @@ def ui_url(base: str, uri: str, experiment: str) -> str:
         return base
     try:
         found = make_client(uri).get_experiment_by_name(experiment)
-    except TrackingError:
+    except (TrackingError, NoSpaceError):
         found = None
     if found is None or found.lifecycle_stage == "deleted":
         return base

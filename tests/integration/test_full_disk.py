@@ -212,3 +212,24 @@ def test_demo_on_a_full_disk(tmp_path: Path, tracking_uri: str, monkeypatch: pyt
 
     assert re.fullmatch(rf"error: {re.escape(str(work / 'data'))}/?[^:]*: {FULL}", line), line
     assert not [p for p in work.rglob("*") if p.is_file()]
+
+
+def test_the_mlflow_store_on_a_full_disk(
+    tmp_path: Path, bundle: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says 'database or disk is full' (no errno): one line naming the store's folder."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT INTO params ...]")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", full)
+    scan, out = _scan(tmp_path / "t1.nii.gz"), tmp_path / "explain"
+    args = ["explain", str(scan), "--checkpoint", str(bundle), "--out", str(out), "--tracking-uri", tracking_uri]
+
+    line = the_error(runner.invoke(app, args))
+
+    store = Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent
+    assert re.fullmatch(rf"error: {re.escape(str(store))}: {FULL}", line), line
+    no_temporaries(out)
