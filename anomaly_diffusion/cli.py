@@ -216,6 +216,15 @@ def explain(
             "slice in the run's Model metrics tab), every k-th if there are more; 0: none. Default: 200.",
         ),
     ] = None,
+    explain_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="explain.KEY=VALUE replacing the model's explain defaults, e.g. --set explain.pairing=reconstruction "
+            "(the map against the plain reconstruction), explain.gate=0.5, explain.smooth=4.",
+        ),
+    ] = None,
     threads: Threads = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -251,6 +260,7 @@ def explain(
         ensemble_levels=parse_levels(ensemble) if ensemble else (),
         draws=draws,
         review_slices=REVIEW_SLICES if review_slices is None else review_slices,
+        explain_overrides=tuple(explain_set or ()),
     )
     source = cohort_source(scans, channels or [], mask, brainmask)
     if source is not None:

@@ -71,7 +71,10 @@ CHANNEL_SETS: dict[str, tuple[str, ...]] = {
     "t1": ("t1",),
 }
 STAGES = ("prepare", "train", "choose", "test", "worst")
-GRID_KEYS = ("L", "s", "K", "g", "r", "m", "enc", "n")
+GRID_KEYS = ("L", "s", "K", "g", "r", "m", "enc", "n", "dec", "sm", "gt", "p", "rc")
+"""The `adiff evaluate` method keys a grid may vary (see `anomaly_diffusion.evaluation.methods`)."""
+_DECODE_KEYS = ("dec", "sm", "gt")
+"""Grid keys that change the decoding (the rest after s only change the map)."""
 DEFAULT_GRID = "L=100,200;s=0,100,300;K=25;g=slice;r=positive,abs;m=0,5"
 """CPU-sized: 2 encodings and 6 decodings per val volume; residual and filter are free."""
 _RESIDUAL_SHORT = {"positive": "pos", "negative": "neg"}
@@ -178,6 +181,7 @@ def candidates(grid: dict[str, tuple[str, ...]]) -> list[Candidate]:
         parts += [f"m{values['m']}"] if "m" in values else []
         if values.get("enc", "ddim") != "ddim":
             parts.append(f"{values['enc']}{values.get('n', '1')}")
+        parts += [f"{k}{values[k]}" for k in ("dec", "sm", "gt", "p", "rc") if k in values]
         name = "-".join(parts)
         found.setdefault(name, Candidate(name, spec_of(name, values), values))
     return list(found.values())
@@ -189,6 +193,7 @@ def shared_work(chosen: list[Candidate]) -> tuple[int, int]:
     dec = {
         (c.values["L"], c.values.get("K"), c.values.get("enc"), c.values.get("n"), c.values["s"])
         + ((c.values.get("g"),) if c.scale else ())
+        + tuple(c.values.get(k) for k in _DECODE_KEYS)
         for c in chosen
     }
     return len(enc), len(dec)

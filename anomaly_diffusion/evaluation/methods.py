@@ -167,7 +167,7 @@ class Method:
 
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z][\w.-]*):(?P<args>.+)$")
-_KEYS = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f")
+_KEYS: tuple[str, ...] = ("L", "s", "K", "enc", "n", "m", "r", "g", "c", "dec", "hl", "ht", "hd", "f")
 _KEYS += ("p", "rc", "sm", "mt", "md", "ms", "gt")
 _PAIRING_SHORT = {"input": "in", "reconstruction": "rec"}
 _RESIDUAL_SHORT = {"positive": "pos", "negative": "neg"}

@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from skimage.filters import threshold_otsu
 
+from anomaly_diffusion.config import override_explain
 from anomaly_diffusion.data.dicom import redact
 from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
 from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
@@ -52,6 +53,8 @@ class ExplainOptions:
             An ensemble of more than one member also writes its per-voxel spread (`_uncertainty.nii.gz`).
         review_slices: at most this many explained slices are logged as per-slice review images
             (every k-th when there are more), 0 none.
+        explain_overrides: `explain.KEY=VALUE` replacing the model's explain defaults before the
+            options above (e.g. explain.pairing=reconstruction, explain.gate=0.5, explain.mask.threshold=0.3).
     """
 
     out_dir: Path
@@ -73,6 +76,7 @@ class ExplainOptions:
     ensemble_levels: Sequence[int] = ()
     draws: int = 1
     review_slices: int = REVIEW_SLICES
+    explain_overrides: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.ensemble_levels and self.noise_level is not None:
@@ -175,6 +179,8 @@ def load_explainer(options: ExplainOptions, announce: Callable[[str], None] | No
     """Load the model of `options` (None: the newest bundle, said to `announce`) and check its explain settings once."""
     o = options
     bundle, bundle_name, model_ref = load_model(o.model, o.tracking_uri, o.device, announce)
+    if o.explain_overrides:
+        bundle = replace(bundle, config=override_explain(bundle.config, list(o.explain_overrides)))
     bundle = prepare_for_inference(bundle, o.compile_networks or bundle.config.explain.compile, o.fp32)
     plans = tuple(
         explain_settings(

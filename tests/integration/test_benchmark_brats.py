@@ -231,6 +231,15 @@ def test_grid_candidates_and_the_choice_rule() -> None:
     ]
     assert brats.candidates(grid)[1].spec == "L100-s300-K25-slice-pos-m0:L=100;s=300;K=25;g=slice;r=positive;m=0"
     assert brats.shared_work(brats.candidates(grid)) == (2, 6)
+    # the counterfactual keys: dec, sm and gt make new decodings, p and rc only new maps
+    paired = brats.candidates(brats.parse_grid("L=100;s=300;K=25;g=regions;r=positive;sm=0,4;p=input,rec;rc=0"))
+    assert [c.name for c in paired] == [
+        "L100-s300-K25-regions-pos-sm0-pinput-rc0",
+        "L100-s300-K25-regions-pos-sm0-prec-rc0",
+        "L100-s300-K25-regions-pos-sm4-pinput-rc0",
+        "L100-s300-K25-regions-pos-sm4-prec-rc0",
+    ]
+    assert paired[1].spec.endswith(";sm=0;p=rec;rc=0") and brats.shared_work(paired) == (1, 2)
     listed = [{"name": c.name, "values": c.values} for c in brats.candidates(grid)]
     filtered = [{**c, "values": {**c["values"], "m": "5"}} if i == 4 else c for i, c in enumerate(listed)]
     choices = [

@@ -263,6 +263,18 @@ def test_explain_with_region_guidance_of_a_multiple_instance_classifier(
         assert json.loads((out / "s5_t1_explain.json").read_text())["params"]["guidance"] == guidance
     assert np.isfinite(maps["regions"]).all() and maps["regions"].max() > 0
     assert not np.allclose(maps["slice"], maps["regions"])  # a different push, a different counterfactual
+    # the counterfactual options through --set: masked decoding, paired with the plain reconstruction, a gate
+    out = tmp_path / "masked"
+    args = ["explain", scan, "--checkpoint", str(bundle), "--out", str(out), "--scale", "50", "--guidance", "regions"]
+    options = ["explain.pairing=reconstruction", "explain.decoding=masked", "explain.mask.threshold=0.2"]
+    result = runner.invoke(app, [*args, *(x for o in options for x in ("--set", o)), "--tracking-uri", tracking_uri])
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "s5_t1_explain.json").read_text())["params"]
+    assert (params["decoding"], params["pairing"], params["mask_threshold"]) == ("masked", "reconstruction", 0.2)
+    masked = np.asarray(nib.load(str(out / "s5_t1_anomaly_map.nii.gz")).dataobj)
+    assert np.isfinite(masked).all() and not np.allclose(masked, maps["regions"])
+    bad = runner.invoke(app, [*args, "--set", "explain.gate=2", "--overwrite", "--tracking-uri", tracking_uri])
+    assert bad.exit_code == 1 and "explain.gate" in bad.output and len(bad.output.strip().splitlines()) == 1
 
 
 def test_registry_flow_train_register_then_explain_by_model_uri(tmp_path: Path, tiny_dataset: Path) -> None:
