@@ -33,7 +33,7 @@ from anomaly_diffusion.diffusion.guidance import GUIDANCE, check_guidance
 from anomaly_diffusion.diffusion.harmonise import Harmonisation
 from anomaly_diffusion.diffusion.masking import MaskSettings, region_mask
 from anomaly_diffusion.diffusion.noise import coarse_noise, simplex_noise
-from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_decode, ddim_encode, ddim_grid
+from anomaly_diffusion.diffusion.sampling import DdimGrid, ddim_encode, ddim_grid
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
@@ -477,18 +477,6 @@ def decode_slices(
 ) -> torch.Tensor:
     """The counterfactuals x_healthy (N, C, S, S) of `counterfactuals`."""
     return counterfactuals(bundle, x_L, settings, progress, x_0).healthy
-
-
-def plain_reconstruction(bundle: ModelBundle, x_L: torch.Tensor, settings: ExplainSettings) -> torch.Tensor:
-    """The unguided DDIM decoding of x_L (N, C, S, S) over the settings' grid, under `torch.inference_mode`."""
-    device = model_device(bundle)
-    eps_fn = denoiser(bundle, settings.amp)
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, x_L.shape[0], settings.batch_size):
-            batch = to_device(x_L[start : start + settings.batch_size], device)
-            parts.append(ddim_decode(eps_fn, batch, bundle.schedule, settings.grid).cpu())
-    return torch.cat(parts) if parts else x_L.clone()
 
 
 def region_period(bundle: ModelBundle) -> int | None:
