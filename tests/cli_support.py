@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -96,6 +97,8 @@ def ui_server(
             printed.append(first)
         found = re.search(r"http://127\.0\.0\.1:\d+", first)
         assert found, first
+        # drain the rest (mlflow's server logs share the pipe): a full pipe would block `adiff ui` on a write
+        threading.Thread(target=process.stdout.read, daemon=True).start()
         url = found.group(0)
         deadline = time.time() + 90
         while time.time() < deadline:
