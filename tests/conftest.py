@@ -69,3 +69,9 @@ def tiny_dataset(tmp_path: Path) -> Path:
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in tmp_path."""
     return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The MLflow UI tests run first. Late in one full pytest process (after ~370 tests) `adiff ui` did not stop within
+    30 s of Ctrl-C, while the same tests pass alone or after any subset tried (2026-12-06); the cause is not found."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_ui.py" else 1)
