@@ -16,9 +16,9 @@ import typer
 
 from anomaly_diffusion import __version__
 from anomaly_diffusion.diffusion.decoding import DECODINGS
+from anomaly_diffusion.diffusion.encoding import ENCODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import ENCODINGS
 from anomaly_diffusion.residuals import RESIDUALS
 from anomaly_diffusion.runtime import set_threads
 from anomaly_diffusion.terminal import (

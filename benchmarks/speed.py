@@ -121,7 +121,7 @@ def _settings(bundle: Any, noise_level: int, scale: float, steps: int | None, ba
     """Explain settings of the benchmark's method, with mixed precision on or off."""
     from dataclasses import replace
 
-    from anomaly_diffusion.explain import explain_settings
+    from anomaly_diffusion.counterfactual.settings import explain_settings
 
     settings = explain_settings(
         bundle, noise_level=noise_level, steps=steps, steps_given=True, scale=scale, batch_size=batch_size
@@ -146,7 +146,9 @@ def measure_explain(
     Classifier guidance (s = 100) or, with `method="classifier_free"`, classifier-free guidance
     (w = CFG_W: the conditional and null passes of each step batched into one UNet forward of 2B).
     """
-    from anomaly_diffusion.explain import denoiser, explain_slices, guided_denoiser, p_healthy
+    from anomaly_diffusion.counterfactual.denoisers import denoiser, guided_denoiser
+    from anomaly_diffusion.counterfactual.scan import explain_slices
+    from anomaly_diffusion.counterfactual.slices import p_healthy
     from anomaly_diffusion.runtime import precision_name, prepare_for_inference, set_threads
     from anomaly_diffusion.scans import assemble_scan, prepare_scan
 
@@ -212,7 +214,7 @@ def measure_naive(size: int, steps: int | None, n_slices: int, batch_size: int) 
     """MONAI-tutorial loop, one slice at a time, against adiff on the same slices and timesteps."""
     from monai.networks.schedulers import DDIMScheduler
 
-    from anomaly_diffusion.explain import explain_slices
+    from anomaly_diffusion.counterfactual.scan import explain_slices
     from anomaly_diffusion.labels import HEALTHY
     from anomaly_diffusion.runtime import precision_name, prepare_for_inference
     from anomaly_diffusion.scans import prepare_scan

@@ -17,20 +17,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from anomaly_diffusion.config import Config
+from anomaly_diffusion.counterfactual.settings import PAIRINGS, ExplainSettings, explain_settings, resolve_batch_size
 from anomaly_diffusion.diffusion.decoding import DECODINGS, NEEDS_MASK
+from anomaly_diffusion.diffusion.encoding import ENCODINGS, NOISE_CELL_ENCODINGS, is_stochastic
 from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.diffusion.harmonise import Harmonisation
 from anomaly_diffusion.diffusion.masking import MaskSettings
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import (
-    ENCODINGS,
-    NOISE_CELL_ENCODINGS,
-    PAIRINGS,
-    ExplainSettings,
-    explain_settings,
-    is_stochastic,
-    resolve_batch_size,
-)
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.residuals import RESIDUALS
 

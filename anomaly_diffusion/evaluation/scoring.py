@@ -17,6 +17,8 @@ import torch
 from scipy.ndimage import median_filter
 
 from anomaly_diffusion.config import Config
+from anomaly_diffusion.counterfactual.cache import SliceDecodings
+from anomaly_diffusion.counterfactual.slices import region_period
 from anomaly_diffusion.data.io import load_scan, read_mask
 from anomaly_diffusion.data.manifest import ManifestRow
 from anomaly_diffusion.data.transforms import (
@@ -30,7 +32,6 @@ from anomaly_diffusion.errors import InputError
 from anomaly_diffusion.evaluation.methods import Method
 from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess, eroded, median_3d
 from anomaly_diffusion.evaluation.quality import counterfactual_quality
-from anomaly_diffusion.explain import SliceDecodings, region_period
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.scans import assemble_scan, prepare_scan
 

@@ -15,13 +15,15 @@ import torch
 from skimage.filters import threshold_otsu
 
 from anomaly_diffusion.config import override_explain
+from anomaly_diffusion.counterfactual.scan import explain_scan_ensemble
+from anomaly_diffusion.counterfactual.settings import ExplainSettings, explain_settings
 from anomaly_diffusion.data.dicom import redact
 from anomaly_diffusion.data.dicom_out import plan_dicom_outputs, write_dicom_outputs
 from anomaly_diffusion.data.io import Scan, check_input_kind, check_writable, load_scan, read_mask, save_like
 from anomaly_diffusion.data.transforms import PreprocessState, explained_region, normalise
 from anomaly_diffusion.diffusion.decoding import NEEDS_MASK
+from anomaly_diffusion.diffusion.encoding import ENCODINGS, is_stochastic
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import ENCODINGS, ExplainSettings, explain_scan_ensemble, explain_settings, is_stochastic
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
 from anomaly_diffusion.models.bundle import ModelBundle

@@ -9,23 +9,22 @@ import torch
 from model_support import TINY, tiny_bundle
 
 from anomaly_diffusion.config import load_config
+from anomaly_diffusion.counterfactual.cache import SliceDecodings
+from anomaly_diffusion.counterfactual.scan import explain_ensemble, explain_slices
+from anomaly_diffusion.counterfactual.settings import explain_settings
+from anomaly_diffusion.counterfactual.slices import (
+    counterfactuals,
+    decode_slices,
+    encode_slices,
+    guidance_mask,
+    p_healthy_batched,
+)
+from anomaly_diffusion.diffusion.encoding import is_stochastic
 from anomaly_diffusion.diffusion.harmonise import Harmonisation
 from anomaly_diffusion.diffusion.masking import MaskSettings
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
-from anomaly_diffusion.explain import (
-    SliceDecodings,
-    counterfactuals,
-    decode_slices,
-    encode_slices,
-    explain_ensemble,
-    explain_settings,
-    explain_slices,
-    guidance_mask,
-    is_stochastic,
-    p_healthy_batched,
-)
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.models.networks import build_classifier
 from anomaly_diffusion.residuals import residual_map

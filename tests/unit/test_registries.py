@@ -10,17 +10,13 @@ import torch
 from model_support import TINY, tiny_bundle
 
 from anomaly_diffusion.config import load_config
+from anomaly_diffusion.counterfactual.denoisers import denoiser, guided_denoiser
+from anomaly_diffusion.counterfactual.settings import ExplainSettings, explain_settings
+from anomaly_diffusion.counterfactual.slices import encode_slices
+from anomaly_diffusion.diffusion.encoding import ENCODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceSource, classifier_target
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
-from anomaly_diffusion.explain import (
-    ENCODINGS,
-    ExplainSettings,
-    denoiser,
-    encode_slices,
-    explain_settings,
-    guided_denoiser,
-)
 from anomaly_diffusion.residuals import RESIDUALS, residual_map
 
 DIRECTION = 0.25  # the toy target's constant gradient
@@ -81,7 +77,7 @@ def test_unknown_names_list_the_registry() -> None:
 
 def test_a_registered_residual_and_encoding_are_usable() -> None:
     RESIDUALS.register("squared", lambda d: d**2, "sum_c (x_c - x_healthy_c)^2")
-    ENCODINGS.register("identity", lambda bundle, x, settings: x.clone(), "x_L = x_0 (for tests)")
+    ENCODINGS.register("identity", lambda eps, x, schedule, grid, context: x.clone(), "x_L = x_0 (for tests)")
     try:
         x, x_healthy = torch.tensor([[[[3.0]], [[1.0]]]]), torch.tensor([[[[1.0]], [[2.0]]]])
         assert residual_map(x, x_healthy, "squared").item() == 5.0

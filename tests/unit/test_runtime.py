@@ -8,9 +8,11 @@ import pytest
 import torch
 from model_support import tiny_bundle
 
-from anomaly_diffusion import explain, runtime
+from anomaly_diffusion import runtime
+from anomaly_diffusion.counterfactual import settings as explain
+from anomaly_diffusion.counterfactual.scan import explain_slices
+from anomaly_diffusion.counterfactual.settings import explain_settings
 from anomaly_diffusion.errors import InputError
-from anomaly_diffusion.explain import explain_settings, explain_slices
 from anomaly_diffusion.runtime import Precision, choose_precision, cpu_bf16_feature, prepare_for_inference
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

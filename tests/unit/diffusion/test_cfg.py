@@ -8,17 +8,13 @@ import torch
 from model_support import TINY, tiny_bundle, tiny_cfg_bundle
 
 from anomaly_diffusion.config import CFG_DEFAULT_SCALE, load_config
+from anomaly_diffusion.counterfactual.denoisers import denoiser, guided_denoiser
+from anomaly_diffusion.counterfactual.scan import explain_slices
+from anomaly_diffusion.counterfactual.settings import explain_settings
+from anomaly_diffusion.counterfactual.slices import decode_slices, encode_slices
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, cfg_eps, cfg_eps_fn, check_guidance
 from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.explain import (
-    decode_slices,
-    denoiser,
-    encode_slices,
-    explain_settings,
-    explain_slices,
-    guided_denoiser,
-)
 from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
 from anomaly_diffusion.runtime import autocast
 from anomaly_diffusion.training import drop_labels
