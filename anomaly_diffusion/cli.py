@@ -17,9 +17,8 @@ import typer
 from anomaly_diffusion import __version__
 from anomaly_diffusion.diffusion.decoding import DECODINGS
 from anomaly_diffusion.diffusion.encoding import ENCODINGS
-from anomaly_diffusion.diffusion.guidance import GUIDANCE
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.residuals import RESIDUALS
+from anomaly_diffusion.evaluation.grammar import grammar_help
 from anomaly_diffusion.runtime import set_threads
 from anomaly_diffusion.terminal import (
     FLAG,
@@ -299,11 +298,7 @@ def evaluate(
         str,
         typer.Option(
             "--methods",
-            help="Comma-separated: guided, unguided (s=0), paper (L=500, s=100, K=L), intensity[:C], "
-            "NAME:L=..;s=..;K=.. (a named diffusion setting; more keys: L=100+200 averages the maps of "
-            "several levels, enc=noise;n=4 encodes by forward noising with 4 draws, m=5 median-filters "
-            f"this method's map, r= a residual ({'/'.join(RESIDUALS.names())}), g= a guidance target "
-            f"({'/'.join(GUIDANCE.names())})).",
+            help=grammar_help(),
         ),
     ] = "guided,unguided,intensity",
     threshold_split: Annotated[
@@ -356,7 +351,7 @@ def evaluate(
     """Score our method and baselines against lesion masks on a split: tables, curves, montage, MLflow run."""
     set_threads(threads)
     from anomaly_diffusion.distributed import shutdown
-    from anomaly_diffusion.evaluation.methods import split_method_specs
+    from anomaly_diffusion.evaluation.grammar import split_method_specs
     from anomaly_diffusion.evaluation.postprocess import PostProcess
     from anomaly_diffusion.usecases.evaluate import EvaluateRequest, run_evaluate
 

@@ -59,7 +59,7 @@ from anomaly_diffusion.config import Config, load_config
 from anomaly_diffusion.diffusion.guidance import check_guidance
 from anomaly_diffusion.diffusion.sampling import ddim_grid
 from anomaly_diffusion.errors import AdiffError, ConfigError, InputError
-from anomaly_diffusion.evaluation.methods import parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
 from anomaly_diffusion.evaluation.postprocess import PostProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,8 @@ from anomaly_diffusion.data.io import load_scan, read_mask
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.data.transforms import mask_to_slices
 from anomaly_diffusion.errors import AdiffError, InputError
-from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
+from anomaly_diffusion.evaluation.methods import bind_methods
 from anomaly_diffusion.runtime import prepare_for_inference
 from anomaly_diffusion.scans import prepare_scan
 from anomaly_diffusion.usecases.common import load_model

@@ -28,7 +28,8 @@ import numpy as np
 
 from anomaly_diffusion.data.manifest import read_manifest
 from anomaly_diffusion.errors import AdiffError, InputError
-from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
+from anomaly_diffusion.evaluation.methods import bind_methods
 from anomaly_diffusion.evaluation.postprocess import PostProcess
 from anomaly_diffusion.evaluation.results import otsu_slice_dice
 from anomaly_diffusion.evaluation.scoring import VolumeScores, score_volumes

@@ -17,7 +17,8 @@ from anomaly_diffusion.data.io import check_writable
 from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
 from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.errors import ConfigError, InputError
-from anomaly_diffusion.evaluation.methods import MAX_MEDIAN_FILTER, bind_methods, parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
+from anomaly_diffusion.evaluation.methods import MAX_MEDIAN_FILTER, bind_methods
 from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess
 from anomaly_diffusion.evaluation.report import flat_metrics, montage_rows, report_markdown
 from anomaly_diffusion.evaluation.results import EvaluationReport, evaluate

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from anomaly_diffusion.cli import app
 from anomaly_diffusion.config import load_config
-from anomaly_diffusion.evaluation.methods import parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
 
 pytestmark = pytest.mark.slow
 

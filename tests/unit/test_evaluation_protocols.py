@@ -12,7 +12,8 @@ from model_support import tiny_bundle
 
 from anomaly_diffusion.data.manifest import ManifestRow
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.evaluation.methods import Method, parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
+from anomaly_diffusion.evaluation.methods import Method
 from anomaly_diffusion.evaluation.postprocess import (
     PostProcess,
     candidate_thresholds,

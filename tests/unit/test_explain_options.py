@@ -24,7 +24,8 @@ from anomaly_diffusion.diffusion.harmonise import Harmonisation
 from anomaly_diffusion.diffusion.masking import MaskSettings
 from anomaly_diffusion.diffusion.schedule import q_sample
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
+from anomaly_diffusion.evaluation.methods import bind_methods
 from anomaly_diffusion.models.bundle import ModelBundle
 from anomaly_diffusion.models.networks import build_classifier
 from anomaly_diffusion.residuals import residual_map

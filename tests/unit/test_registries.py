@@ -16,7 +16,8 @@ from anomaly_diffusion.counterfactual.slices import encode_slices
 from anomaly_diffusion.diffusion.encoding import ENCODINGS
 from anomaly_diffusion.diffusion.guidance import GUIDANCE, GuidanceSource, classifier_target
 from anomaly_diffusion.errors import ConfigError
-from anomaly_diffusion.evaluation.methods import bind_methods, parse_method
+from anomaly_diffusion.evaluation.grammar import parse_method
+from anomaly_diffusion.evaluation.methods import bind_methods
 from anomaly_diffusion.residuals import RESIDUALS, residual_map
 
 DIRECTION = 0.25  # the toy target's constant gradient

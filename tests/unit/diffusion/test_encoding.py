@@ -61,7 +61,9 @@ def test_the_encoder_returns_x_L_through_the_context_device_move() -> None:
 
     x_0 = torch.zeros(5, 1, 4, 4)
     schedule, grid = make_schedule(), ddim_grid(10, 2, 1000)
-    ENCODINGS.get("ddim").function(lambda x, t: x, x_0, schedule, grid, EncodeContext(batch_size=2, to_device=to_device))
+    ENCODINGS.get("ddim").function(
+        lambda x, t: x, x_0, schedule, grid, EncodeContext(batch_size=2, to_device=to_device)
+    )
     assert moved == [(2, 1, 4, 4), (2, 1, 4, 4), (1, 1, 4, 4)]
     moved.clear()
     ENCODINGS.get("noise").function(None, x_0, schedule, grid, EncodeContext(to_device=to_device))
