@@ -66,12 +66,11 @@ def pixel_metrics(anomaly_map: np.ndarray, truth: np.ndarray, foreground: np.nda
     both = labels.any() and not labels.all()
     auroc = float(roc_auc_score(labels, scores)) if both else float("nan")
     auprc = float(average_precision_score(labels, scores)) if both else float("nan")
-    otsu = float(threshold_otsu(scores)) if np.ptp(scores) > 0 else float("inf")
     dice_best, threshold = best_dice(scores, labels)
     return PixelMetrics(
         auroc=auroc,
         auprc=auprc,
-        dice_otsu=dice(scores > otsu, labels),
+        dice_otsu=dice(scores > otsu(scores), labels),
         dice_best=dice_best,
         threshold_best=threshold,
         lesion_voxels=int(labels.sum()),
@@ -79,22 +78,28 @@ def pixel_metrics(anomaly_map: np.ndarray, truth: np.ndarray, foreground: np.nda
     )
 
 
-def dice_counts(tp: float, fp: float, fn: float) -> float:
-    """Dice = 2TP / (2TP + FP + FN) from counts; 1.0 when there is nothing to find and nothing found."""
+def confusion(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(TP, FP, FN) of a boolean prediction against a boolean mask (same shape), as a (3,) int64 array."""
+    return np.array([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()], np.int64)
+
+
+def confusion_at(scores: np.ndarray, truth: np.ndarray, threshold: float) -> np.ndarray:
+    """`confusion` of `scores > threshold` (compared in float64) against a boolean mask."""
+    return confusion(np.asarray(scores, dtype=np.float64) > threshold, truth.astype(bool))
+
+
+def counts_dice(counts: np.ndarray) -> np.ndarray:
+    """Dice = 2TP / (2TP + FP + FN) of (..., 3) (TP, FP, FN) counts, elementwise; 1 where there is
+    nothing to find and nothing found."""
+    tp, fp, fn = (np.asarray(counts)[..., i].astype(np.float64) for i in range(3))
     total = 2 * tp + fp + fn
-    return 1.0 if total == 0 else 2.0 * tp / total
-
-
-def confusion_at(scores: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[int, int, int]:
-    """(TP, FP, FN) of `scores > threshold` against a boolean mask (same shape), compared in float64."""
-    predicted = np.asarray(scores, dtype=np.float64) > threshold
-    truth = truth.astype(bool)
-    return int((predicted & truth).sum()), int((predicted & ~truth).sum()), int((~predicted & truth).sum())
+    return np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
 
 
 def otsu(scores: np.ndarray) -> float:
-    """Otsu's threshold of a set of scores (scikit-image); +inf when they are all equal (nothing detected)."""
-    scores = np.asarray(scores, dtype=np.float64)
+    """Otsu's threshold of a set of scores (scikit-image, histogram in the scores' own float dtype); +inf when
+    there are none or they are all equal (nothing detected). The one guard for a constant map."""
+    scores = np.asarray(scores)
     return float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
 
 
@@ -108,7 +113,7 @@ def _slice_groups(slice_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 def per_slice_otsu_thresholds(scores: np.ndarray, slice_ids: np.ndarray) -> dict[int, float]:
     """The Otsu threshold of each slice's own scores (`otsu`; +inf for a constant slice). {slice id: threshold}."""
-    return {k: otsu(scores[index]) for k, index in _slice_groups(slice_ids)}
+    return {k: otsu(scores[index].astype(np.float64)) for k, index in _slice_groups(slice_ids)}
 
 
 def per_slice_dice(predicted: np.ndarray, truth: np.ndarray, slice_ids: np.ndarray) -> dict[int, float]:

@@ -31,8 +31,8 @@ from anomaly_diffusion.errors import AdiffError, InputError
 from anomaly_diffusion.evaluation.grammar import parse_method
 from anomaly_diffusion.evaluation.methods import bind_methods
 from anomaly_diffusion.evaluation.postprocess import PostProcess
-from anomaly_diffusion.evaluation.results import otsu_slice_dice
 from anomaly_diffusion.evaluation.scoring import VolumeScores, score_volumes
+from anomaly_diffusion.evaluation.split_metrics import otsu_slice_dice
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.metrics import SIZE_BINS_MM2, size_bin
 from anomaly_diffusion.plots import evaluation_montage

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from anomaly_diffusion.evaluation.bootstrap import PATIENT_METRICS
 from anomaly_diffusion.evaluation.methods import REGIME_TEXT, REGIMES
-from anomaly_diffusion.evaluation.results import PATIENT_METRICS, EvaluationReport
 from anomaly_diffusion.evaluation.scoring import VolumeScores
+from anomaly_diffusion.evaluation.split_metrics import EvaluationReport
 from anomaly_diffusion.metrics import per_slice_otsu_dice
 
 

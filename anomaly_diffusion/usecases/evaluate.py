@@ -21,8 +21,8 @@ from anomaly_diffusion.evaluation.grammar import parse_method
 from anomaly_diffusion.evaluation.methods import MAX_MEDIAN_FILTER, bind_methods
 from anomaly_diffusion.evaluation.postprocess import NO_POSTPROCESS, PostProcess
 from anomaly_diffusion.evaluation.report import flat_metrics, montage_rows, report_markdown
-from anomaly_diffusion.evaluation.results import EvaluationReport, evaluate
 from anomaly_diffusion.evaluation.scoring import ScoreProgress, VolumeScores, score_volumes
+from anomaly_diffusion.evaluation.split_metrics import EvaluationReport, evaluate
 from anomaly_diffusion.files import atomic_write_bytes
 from anomaly_diffusion.plots import dice_vs_threshold, evaluation_montage, roc_pr_curves
 from anomaly_diffusion.runtime import compute_summary, model_device, precision_name, prepare_for_inference

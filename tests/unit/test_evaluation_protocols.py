@@ -22,8 +22,8 @@ from anomaly_diffusion.evaluation.postprocess import (
     median_3d,
 )
 from anomaly_diffusion.evaluation.report import flat_metrics, report_markdown
-from anomaly_diffusion.evaluation.results import evaluate, evaluate_method
 from anomaly_diffusion.evaluation.scoring import VolumeScores, score_volume
+from anomaly_diffusion.evaluation.split_metrics import evaluate, evaluate_method
 from anomaly_diffusion.metrics import auprc, per_slice_otsu_dice
 
 METHOD = Method("m", "diffusion", 10, 0.0)

@@ -14,9 +14,9 @@ from anomaly_diffusion.metrics import (
     best_dice,
     bootstrap_interval,
     confusion_at,
+    counts_dice,
     counts_metrics,
     dice,
-    dice_counts,
     histogram_counts,
     per_slice_otsu_dice,
     pixel_metrics,
@@ -46,8 +46,10 @@ def test_hand_computed_auroc_auprc_and_dice() -> None:
     assert auprc(scores, labels) == pytest.approx(0.5 + 1 / 3)
     # best Dice: threshold at 0.8 -> TP1 FP0 FN1 -> 2/3; at 0.35 -> TP2 FP1 -> 4/5
     assert best_dice(scores, labels)[0] == pytest.approx(0.8)
-    assert confusion_at(scores, labels, 0.3) == (2, 1, 0)
-    assert dice_counts(2, 1, 0) == pytest.approx(0.8)
+    assert confusion_at(scores, labels, 0.3).tolist() == [2, 1, 0]
+    assert counts_dice(np.array([2, 1, 0])) == pytest.approx(0.8)
+    # elementwise over (..., 3) counts; nothing to find and nothing found is 1
+    assert counts_dice(np.array([[2, 1, 0], [0, 0, 0], [0, 3, 2]])).tolist() == pytest.approx([0.8, 1.0, 0.0])
 
 
 def test_empty_mask_is_stated_not_guessed() -> None:
@@ -58,7 +60,7 @@ def test_empty_mask_is_stated_not_guessed() -> None:
     # nothing to find and nothing found is a perfect Dice; finding something is a Dice of 0
     assert dice(np.zeros(5, bool), empty) == 1.0
     assert dice(scores > 0.5, empty) == 0.0
-    assert dice_counts(0, 0, 0) == 1.0
+    assert counts_dice(np.zeros(3, np.int64)) == 1.0
 
 
 def test_per_slice_otsu_dice_skips_lesion_free_slices() -> None:

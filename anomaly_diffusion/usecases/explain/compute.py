@@ -7,12 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.filters import threshold_otsu
 
 from anomaly_diffusion.counterfactual.scan import ScanEnsemble, explain_scan_ensemble
 from anomaly_diffusion.data.io import Scan
 from anomaly_diffusion.data.transforms import PreprocessState, explained_region, normalise
-from anomaly_diffusion.metrics import PixelMetrics, pixel_metrics
+from anomaly_diffusion.metrics import PixelMetrics, otsu, pixel_metrics
 from anomaly_diffusion.scans import ScanExplanation
 from anomaly_diffusion.usecases.explain.explainer import Explainer
 
@@ -57,7 +56,7 @@ def compute_study(
     scores = explanation.anomaly_map[region]
     threshold = explainer.threshold
     if threshold is None:
-        threshold = float(threshold_otsu(scores)) if scores.size and np.ptp(scores) > 0 else float("inf")
+        threshold = otsu(scores)
     # a classifier-free model has no classifier: no p(healthy) to report
     metrics = (
         {
