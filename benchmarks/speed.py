@@ -287,7 +287,7 @@ def measure_training(
 
     from anomaly_diffusion.config import config_from_dict
     from anomaly_diffusion.data.datasets import SliceDataset
-    from anomaly_diffusion.training import ddpm_phase, train_ddpm
+    from anomaly_diffusion.training.loops import ddpm_phase, train_ddpm
 
     bundle = _bundle(size)
     device = _device()

@@ -12,7 +12,7 @@ from anomaly_diffusion.data.lesions import LESION_KINDS
 from anomaly_diffusion.data.manifest import ManifestRow, read_manifest
 from anomaly_diffusion.data.synthetic import build_demo_dataset, read_lesion_kinds
 from anomaly_diffusion.tracking import DEFAULT_TRACKING_URI
-from anomaly_diffusion.training import PhaseProgress
+from anomaly_diffusion.training.loops import PhaseProgress
 from anomaly_diffusion.usecases.common import packaged_config, timestamped
 from anomaly_diffusion.usecases.explain import ExplainOutcome, ExplainRequest, run_explain
 from anomaly_diffusion.usecases.train import DataSummary, TrainOutcome, run_train

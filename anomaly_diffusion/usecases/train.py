@@ -23,7 +23,7 @@ from anomaly_diffusion.models.bundle import read_bundle_file
 from anomaly_diffusion.plots import training_snapshot
 from anomaly_diffusion.runtime import compute_summary, precision_name, resolve_device
 from anomaly_diffusion.tracking import RunLogger, flatten, make_client, register_model, tracked_run
-from anomaly_diffusion.trainer import (
+from anomaly_diffusion.training.job import (
     BUNDLE_NAME,
     CHECKPOINT_NAME,
     FINAL_STATE_NAME,
@@ -32,7 +32,7 @@ from anomaly_diffusion.trainer import (
     snapshot_images,
     train,
 )
-from anomaly_diffusion.training import PhaseProgress
+from anomaly_diffusion.training.loops import PhaseProgress
 from anomaly_diffusion.usecases.common import timestamped
 
 DataSummary = dict[str, dict[str, int]]

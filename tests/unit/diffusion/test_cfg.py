@@ -17,7 +17,7 @@ from anomaly_diffusion.diffusion.sampling import ddim_decode, ddim_encode
 from anomaly_diffusion.errors import ConfigError
 from anomaly_diffusion.labels import HEALTHY, NULL_LABEL, PATHOLOGICAL
 from anomaly_diffusion.runtime import autocast
-from anomaly_diffusion.training import drop_labels
+from anomaly_diffusion.training.loops import drop_labels
 
 # an oracle label-conditional denoiser: eps(x, t, y) = A[y] * x + t / 100, exact in closed form
 A = torch.tensor([0.5, -1.0, 2.0])  # HEALTHY, PATHOLOGICAL, NULL_LABEL

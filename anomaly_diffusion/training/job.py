@@ -1,6 +1,6 @@
 """Both training phases as one resumable job: checkpoints, resume, the model bundle, snapshots.
 
-`train` runs the DDPM, then (`method: classifier`) the classifier (the loops are in `training.py`;
+`train` runs the DDPM, then (`method: classifier`) the classifier (the loops are in `loops.py`;
 a classifier-free model has only the DDPM phase, label-conditional), writes a resume
 checkpoint (`checkpoint.pt`) every `train.checkpoint_every` steps, and at the end the model bundle
 (`bundle.pt`) and the final optimisation state (`train_state.pt`), from which a finished training
@@ -26,7 +26,7 @@ from anomaly_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
 from anomaly_diffusion.distributed import SINGLE, DistContext
 from anomaly_diffusion.models.bundle import atomic_torch_save, bundle_dict, save_bundle
 from anomaly_diffusion.runtime import resolve_device
-from anomaly_diffusion.training import (
+from anomaly_diffusion.training.loops import (
     MetricSink,
     PhaseProgress,
     SaveCheckpoint,

@@ -7,7 +7,7 @@ Classifier (Dhariwal & Nichol 2021): cross-entropy of p(y | x_t, t) on noised sl
 Both use AdamW, gradient clipping, AMP (CUDA, and CPUs with native bf16: AMX or AVX512-BF16), and explicit
 torch.Generators; the DDPM keeps EMA weights (`torch.optim.swa_utils.AveragedModel`). Nothing
 here prints or logs to MLflow: metrics go to a `MetricSink` callback and progress to a
-`PhaseProgress` callback. `trainer.train` runs both phases with checkpoints and writes the bundle.
+`PhaseProgress` callback. `training.job.train` runs both phases with checkpoints and writes the bundle.
 """
 
 from __future__ import annotations
